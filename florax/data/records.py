@@ -1,0 +1,197 @@
+"""florax record format: ArrayRecord shards of msgpack records + metadata.json.
+
+A dataset directory holds
+
+  records-00000-of-00004.array_record ...   one msgpack map per record
+  metadata.json                             counts, schema version, UniCL
+                                            table, class names, skipped ids
+
+Record schema v1 (a msgpack map):
+  v            int        schema version (1)
+  id           str        stable record id (relative path, tar/key, ...)
+  image        bytes      the original encoded image (never re-encoded), or
+                          b"" for text-only records
+  texts        list[str]  captions, or class names when `prompt` is set
+  text_labels  list[int]  UniCL label of each text (dataset-wide table)
+  label        int        class label, -1 if none
+  prompt       bool       texts are short class names: templates apply
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import json
+import os
+from typing import Any, Iterator, Mapping, Sequence
+
+import msgpack
+
+SCHEMA_VERSION = 1
+METADATA_FILE = "metadata.json"
+FORMAT_NAME = "florax-records"
+# group_size:1 keeps random access cheap (one record per chunk); Grain reads
+# records by index after a global shuffle.
+_WRITER_OPTIONS = "group_size:1"
+
+
+@dataclasses.dataclass
+class Record:
+  """One example: encoded image bytes, its texts and labels."""
+  id: str
+  image: bytes = b""
+  texts: list[str] = dataclasses.field(default_factory=list)
+  text_labels: list[int] = dataclasses.field(default_factory=list)
+  label: int = -1
+  prompt: bool = False
+
+  def to_dict(self) -> dict[str, Any]:
+    return dataclasses.asdict(self)
+
+
+def serialize(record: Record) -> bytes:
+  """Packs a record; validates the fields a reader relies on."""
+  if not isinstance(record.image, (bytes, bytearray)):
+    raise TypeError(f"record {record.id}: image must be encoded bytes, got "
+                    f"{type(record.image).__name__}")
+  if record.text_labels and len(record.text_labels) != len(record.texts):
+    raise ValueError(f"record {record.id}: {len(record.texts)} texts but "
+                     f"{len(record.text_labels)} text labels")
+  return msgpack.packb({
+      "v": SCHEMA_VERSION, "id": record.id, "image": bytes(record.image),
+      "texts": list(record.texts), "text_labels": list(record.text_labels),
+      "label": int(record.label), "prompt": bool(record.prompt)},
+                       use_bin_type=True)
+
+
+def deserialize(data: bytes) -> dict[str, Any]:
+  """Unpacks a record into a plain dict (cheap to pickle between processes)."""
+  obj = msgpack.unpackb(data, raw=False)
+  version = obj.get("v")
+  if version != SCHEMA_VERSION:
+    raise ValueError(f"record {obj.get('id')!r} has schema version {version}; "
+                     f"this florax reads version {SCHEMA_VERSION}")
+  obj.pop("v")
+  return obj
+
+
+def shard_name(index: int, count: int) -> str:
+  return f"records-{index:05d}-of-{count:05d}.array_record"
+
+
+class ShardWriter:
+  """Writes records into one ArrayRecord file; use as a context manager."""
+
+  def __init__(self, path: str):
+    from array_record.python import array_record_module  # pylint: disable=g-import-not-at-top
+    self.path = path
+    self.count = 0
+    self._writer = array_record_module.ArrayRecordWriter(path, _WRITER_OPTIONS)
+
+  def write(self, record: Record) -> None:
+    self._writer.write(serialize(record))
+    self.count += 1
+
+  def close(self) -> None:
+    if self._writer is not None:
+      self._writer.close()
+      self._writer = None
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):
+    self.close()
+
+
+def write_metadata(dataset_dir: str, metadata: Mapping[str, Any]) -> None:
+  """Writes metadata.json atomically."""
+  meta = {"format": FORMAT_NAME, "schema_version": SCHEMA_VERSION,
+          **metadata}
+  path = os.path.join(dataset_dir, METADATA_FILE)
+  with open(path + ".tmp", "w", encoding="utf-8") as f:
+    json.dump(meta, f, ensure_ascii=False, indent=1)
+  os.replace(path + ".tmp", path)
+
+
+def read_metadata(dataset_dir: str) -> dict[str, Any]:
+  path = os.path.join(dataset_dir, METADATA_FILE)
+  if not os.path.exists(path):
+    raise FileNotFoundError(
+        f"{dataset_dir} has no {METADATA_FILE}: not a florax dataset directory "
+        "(convert it with `python -m launch.make_dataset`)")
+  with open(path, encoding="utf-8") as f:
+    meta = json.load(f)
+  if meta.get("format") != FORMAT_NAME:
+    raise ValueError(f"{path}: format is {meta.get('format')!r}, expected "
+                     f"{FORMAT_NAME!r}")
+  if meta.get("schema_version") != SCHEMA_VERSION:
+    raise ValueError(f"{path}: schema version {meta.get('schema_version')}, "
+                     f"this florax reads {SCHEMA_VERSION}")
+  return meta
+
+
+def shard_paths(dataset_dir: str) -> list[str]:
+  """The shard files listed in metadata.json, checked to exist."""
+  meta = read_metadata(dataset_dir)
+  paths = [os.path.join(dataset_dir, s["file"]) for s in meta["shards"]]
+  missing = [p for p in paths if not os.path.exists(p)]
+  if missing:
+    raise FileNotFoundError(f"shards listed in metadata are missing: {missing}")
+  return paths
+
+
+class RecordSource:
+  """Random-access source over a dataset directory (Grain `RandomAccessDataSource`).
+
+  Returns record dicts (see module docstring). Picklable: Grain workers reopen
+  the ArrayRecord files lazily.
+  """
+
+  def __init__(self, dataset_dir: str):
+    self.dataset_dir = dataset_dir
+    self.metadata = read_metadata(dataset_dir)
+    self._paths = shard_paths(dataset_dir)
+    self._source = None
+    expected = sum(s["count"] for s in self.metadata["shards"])
+    if expected != self.metadata["num_records"]:
+      raise ValueError(f"{dataset_dir}: shard counts sum to {expected} but "
+                       f"num_records is {self.metadata['num_records']}")
+    self._len = expected
+
+  def _open(self):
+    if self._source is None:
+      import grain  # pylint: disable=g-import-not-at-top
+      self._source = grain.sources.ArrayRecordDataSource(self._paths)
+    return self._source
+
+  def __getstate__(self):
+    state = dict(self.__dict__)
+    state["_source"] = None
+    return state
+
+  def __len__(self) -> int:
+    return self._len
+
+  def __getitem__(self, index: int) -> dict[str, Any]:
+    return deserialize(self._open()[index])
+
+  def __repr__(self) -> str:
+    return f"RecordSource({self.dataset_dir!r}, n={self._len})"
+
+
+def read_all(dataset_dir: str) -> list[dict[str, Any]]:
+  """Every record of a dataset, in shard order (for tests and small tools)."""
+  src = RecordSource(dataset_dir)
+  return [src[i] for i in range(len(src))]
+
+
+def iter_texts(dataset_dir: str) -> Iterator[str]:
+  """Every text of a dataset, streamed (for tokenizer training)."""
+  src = RecordSource(dataset_dir)
+  for i in range(len(src)):
+    yield from src[i]["texts"]
+
+
+def glob_shards(dataset_dir: str) -> Sequence[str]:
+  return sorted(glob.glob(os.path.join(dataset_dir, "records-*.array_record")))

@@ -1,0 +1,33 @@
+"""Multi-host start-up through JAX's own runtime (`jax.distributed`).
+
+`jax.distributed.initialize()` detects SLURM and Cloud TPU environments by
+itself; explicit coordinator settings come from the environment:
+  FLORAX_COORDINATOR=host:port FLORAX_NUM_PROCESSES=N FLORAX_PROCESS_ID=i
+With none of these, a single process runs and nothing is initialised.
+"""
+
+from __future__ import annotations
+
+import os
+
+import jax
+
+
+def _cluster_detected() -> bool:
+  if "SLURM_JOB_ID" in os.environ and int(os.environ.get("SLURM_NTASKS", "1")) > 1:
+    return True
+  # Cloud TPU VMs with more than one worker (a pod slice).
+  hosts = os.environ.get("TPU_WORKER_HOSTNAMES", "")
+  return len([h for h in hosts.split(",") if h]) > 1
+
+
+def initialize() -> None:
+  """Initialises jax.distributed when this process is one of several."""
+  coordinator = os.environ.get("FLORAX_COORDINATOR")
+  if coordinator:
+    jax.distributed.initialize(
+        coordinator_address=coordinator,
+        num_processes=int(os.environ["FLORAX_NUM_PROCESSES"]),
+        process_id=int(os.environ["FLORAX_PROCESS_ID"]))
+  elif _cluster_detected():
+    jax.distributed.initialize()
