@@ -78,10 +78,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.train.eval_every = 100
   c.train.checkpoint_every = 50
   c.train.keep_checkpoints = 3
+  # Micro-batches per step (mean-over-examples losses only; the contrastive
+  # task refuses it and uses contrastive.chunk_size instead).
+  c.train.grad_accum_steps = 1
 
   c.optimizer = ml_collections.ConfigDict()
   c.optimizer.name = "adamw"
-  c.optimizer.learning_rate = 2e-3 if name == "tiny" else 1e-3
+  c.optimizer.learning_rate = 1e-3
   c.optimizer.warmup_steps = 20 if name == "tiny" else 10_000
   c.optimizer.min_lr_ratio = 0.0
   c.optimizer.b1 = 0.9
@@ -97,11 +100,55 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.mesh = ml_collections.ConfigDict()
   c.mesh.axes = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
   c.sharding = ml_collections.ConfigDict()
-  # logical axis -> mesh axes; unnamed logical axes are replicated.
-  c.sharding.rules = [["batch", ["data", "fsdp"]]]
+  # logical axis -> mesh axes; unnamed logical axes are replicated. With
+  # mesh.axes.tensor > 1 the mlp/heads/vocab rules give Megatron-style
+  # tensor parallelism; at tensor=1 they are no-ops.
+  c.sharding.rules = [["batch", ["data", "fsdp"]], ["mlp", "tensor"],
+                      ["heads", "tensor"], ["vocab", "tensor"]]
+  # 0 replicated state; 1 + optimizer state sharded over data+fsdp; 2 +
+  # gradients; 3 + parameters (FSDP). See florax/parallel/zero.py.
+  c.sharding.zero_stage = 0
+
+  # Compute dtype is model.dtype; params stay fp32. Loss scaling: 'auto'
+  # (dynamic iff model.dtype == 'float16') | 'dynamic' | 'none'.
+  c.precision = ml_collections.ConfigDict()
+  c.precision.loss_scale = "auto"
+  c.precision.init_scale = 2.0 ** 15
+  c.precision.growth_interval = 2000  # finite steps before the scale doubles
+  c.precision.growth_factor = 2.0
+  c.precision.backoff_factor = 0.5
+
+  c.contrastive = ml_collections.ConfigDict()
+  # Each device scores its rows against all gathered columns; gradients flow
+  # back through the all-gather (FLAVA's global backprop).
+  c.contrastive.global_loss = True
+  c.contrastive.global_backprop = True
+  # Gradient cache: rows per device per chunk. 0 = off; an int dividing the
+  # per-device batch; 'auto' = the largest chunk whose compiled gradient
+  # step fits memory_budget_gb per device.
+  c.contrastive.chunk_size = ml_collections.FieldReference(0, field_type=object)
+  c.contrastive.memory_budget_gb = 16.0
 
   c.eval = ml_collections.ConfigDict()
   c.eval.batch_size = 128
+  # Zero-shot prompts: 'dataset' (the digits' own templates) | 'imagenet'
+  # (CLIP's 80 templates over the class words).
+  c.eval.zeroshot_templates = "dataset"
+  # Opt-in evaluators (the default eval stays cheap: the quickstart runs on
+  # 2 CPU cores). Retrieval: each held-out image vs one description of it.
+  c.eval.retrieval = False
+  # Linear probe on frozen image features: l2 swept on a validation split
+  # of `linear_probe_examples` digits train images, scored on the holdout.
+  c.eval.linear_probe = False
+  c.eval.linear_probe_examples = 600
+  # Few-shot (CD-FSL protocol, Florence: 5-way, 5/20/50-shot) on the
+  # holdout's frozen features; the digits holdout has ~36 images a class,
+  # enough for k_shot + few_shot_queries <= 36.
+  c.eval.few_shot = False
+  c.eval.few_shot_ways = 5
+  c.eval.few_shot_shots = (5, 20)
+  c.eval.few_shot_queries = 15
+  c.eval.few_shot_episodes = 100
 
   c.lock()
   return c

@@ -29,6 +29,14 @@ def check_config(config: ml_collections.ConfigDict):
     v = _get(config, name)
     if not isinstance(v, int) or v < 0:
       raise ValueError(f"config.{name} must be a non-negative integer, got {v!r}")
+  stage = config.sharding.get("zero_stage", 0)
+  if stage not in (0, 1, 2, 3):
+    raise ValueError(f"config.sharding.zero_stage must be 0, 1, 2 or 3, got "
+                     f"{stage!r}")
+  accum = config.train.get("grad_accum_steps", 1)
+  if not isinstance(accum, int) or accum <= 0:
+    raise ValueError("config.train.grad_accum_steps must be a positive "
+                     f"integer, got {accum!r}")
   lr = _get(config, "optimizer.learning_rate")
   if not lr > 0:
     raise ValueError(f"config.optimizer.learning_rate must be > 0, got {lr!r}")

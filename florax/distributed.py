@@ -25,9 +25,18 @@ def initialize() -> None:
   """Initialises jax.distributed when this process is one of several."""
   coordinator = os.environ.get("FLORAX_COORDINATOR")
   if coordinator:
-    jax.distributed.initialize(
-        coordinator_address=coordinator,
-        num_processes=int(os.environ["FLORAX_NUM_PROCESSES"]),
-        process_id=int(os.environ["FLORAX_PROCESS_ID"]))
+    missing = [k for k in ("FLORAX_NUM_PROCESSES", "FLORAX_PROCESS_ID")
+               if not os.environ.get(k, "").strip().isdigit()]
+    if missing or ":" not in coordinator:
+      raise ValueError(
+          f"FLORAX_COORDINATOR={coordinator!r} needs host:port and integer "
+          f"FLORAX_NUM_PROCESSES and FLORAX_PROCESS_ID (bad or missing: "
+          f"{missing or ['FLORAX_COORDINATOR']})")
+    num, pid = (int(os.environ["FLORAX_NUM_PROCESSES"]),
+                int(os.environ["FLORAX_PROCESS_ID"]))
+    if not 0 <= pid < num:
+      raise ValueError(f"FLORAX_PROCESS_ID={pid} is not in [0, {num})")
+    jax.distributed.initialize(coordinator_address=coordinator,
+                               num_processes=num, process_id=pid)
   elif _cluster_detected():
     jax.distributed.initialize()

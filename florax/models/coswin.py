@@ -34,14 +34,19 @@ class CoSwinConfig:
   drop_path_rate: float = 0.2
   attention_impl: str = "xla"
   remat: str = "none"
+  # nn.scan over each stage's (plain, shifted) block pairs: compile time stays
+  # flat in depth. Parameters then live under "stage{s}_pairs" with a leading
+  # "layers" axis; every stage depth must be even.
+  scan: bool = False
 
 
 # Widths follow Swin (T/S/B/L: Liu et al. 2021). Florence does not publish
 # CoSwin-H's widths; C=352 with Swin-H-like heads and a 16-block third stage
 # lands on the paper's 637M (pinned in tests/test_param_counts.py).
 PRESETS = {
-    "tiny": dict(embed_dim=32, depths=(2, 2), num_heads=(2, 4), window_size=4,
-                 stem_kernel=3, stem_stride=2, drop_path_rate=0.0),
+    # CPU quickstart: 32 px -> 8x8 tokens (CvT's 7/4 stem), windows of 4.
+    "tiny": dict(embed_dim=64, depths=(2, 2), num_heads=(2, 4), window_size=4,
+                 drop_path_rate=0.0),
     "T": dict(embed_dim=96, depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24)),
     "S": dict(embed_dim=96, depths=(2, 2, 18, 2), num_heads=(3, 6, 12, 24),
               drop_path_rate=0.3),
@@ -83,6 +88,9 @@ def validate(cfg: CoSwinConfig, image_size: int):
   if cfg.window_size < 1:
     raise ValueError(f"window_size must be positive, got {cfg.window_size}")
   layers.maybe_remat(nn.Module, cfg.remat)  # validates the policy name
+  if cfg.scan and any(d % 2 for d in cfg.depths):
+    raise ValueError(f"CoSwin scan=True scans (plain, shifted) block pairs, so "
+                     f"every stage depth must be even; got {tuple(cfg.depths)}")
   stage_grids(image_size, cfg)
 
 
@@ -178,6 +186,26 @@ class SwinBlock(nn.Module):
     return x + layers.DropPath(self.drop_path)(y, deterministic)
 
 
+class _ScannedSwinPair(nn.Module):
+  """One scan step: a plain then a shifted-window block, (rematerialised)
+  with their drop-path rates as the scanned input."""
+  config: CoSwinConfig
+  num_heads: int
+  deterministic: bool
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, rates):
+    cfg = self.config
+    block_cls = layers.maybe_remat(SwinBlock, cfg.remat, static_argnums=(2,))
+    for j, (name, shift) in enumerate((("plain", 0),
+                                       ("shifted", cfg.window_size // 2))):
+      x = block_cls(self.num_heads, cfg.window_size, shift, cfg.mlp_ratio,
+                    rates[j], cfg.attention_impl, self.dtype,
+                    name=name)(x, self.deterministic)
+    return x, None
+
+
 class CoSwin(nn.Module):
   """Returns (pooled feature (B, C_last), aux with per-stage feature maps)."""
   config: CoSwinConfig
@@ -196,7 +224,18 @@ class CoSwin(nn.Module):
       if s > 0:
         x = ConvEmbed(cfg.embed_dim * 2 ** s, cfg.merge_kernel,
                       cfg.merge_stride, self.dtype, name=f"merge{s}")(x)
-      for d in range(depth):
+      if cfg.scan:
+        stack = nn.scan(
+            _ScannedSwinPair, variable_axes={"params": 0},
+            split_rngs={"params": True, "dropout": True}, in_axes=0,
+            length=depth // 2,
+            metadata_params={nn.PARTITION_NAME: "layers"})
+        stage_rates = jnp.asarray(rates[i_block:i_block + depth],
+                                  jnp.float32).reshape(depth // 2, 2)
+        x, _ = stack(cfg, heads, deterministic, self.dtype,
+                     name=f"stage{s}_pairs")(x, stage_rates)
+        i_block += depth
+      for d in range(0 if cfg.scan else depth):
         x = block_cls(heads, cfg.window_size,
                       0 if d % 2 == 0 else cfg.window_size // 2,
                       cfg.mlp_ratio, rates[i_block], cfg.attention_impl,

@@ -21,6 +21,39 @@ Dtype = Any
 default_kernel_init = nn.initializers.truncated_normal(stddev=0.02)
 
 
+class DenseGeneral(nn.Module):
+  """y = x · W + b contracting `axis` of x; W has its full N-d shape.
+
+  Flax's own DenseGeneral initialises a flattened 2-D kernel and reshapes
+  it, so a logical-axis box on its initializer sees the wrong rank once a
+  mesh is active; this one creates every parameter in its real shape.
+  """
+  features: tuple
+  axes: tuple
+  axis: tuple = (-1,)
+  use_bias: bool = True
+  dtype: Dtype = jnp.float32
+  kernel_init: Callable = default_kernel_init
+
+  @nn.compact
+  def __call__(self, x):
+    axis = tuple(a % x.ndim for a in self.axis)
+    in_shape = tuple(x.shape[a] for a in axis)
+    kernel = self.param(
+        "kernel", nn.with_logical_partitioning(self.kernel_init, self.axes),
+        in_shape + self.features, jnp.float32)
+    contract = (axis, tuple(range(len(axis))))
+    y = jax.lax.dot_general(x.astype(self.dtype), kernel.astype(self.dtype),
+                            (contract, ((), ())))
+    if self.use_bias:
+      bias = self.param(
+          "bias", nn.with_logical_partitioning(
+              nn.initializers.zeros, self.axes[-len(self.features):]),
+          self.features, jnp.float32)
+      y = y + bias.astype(self.dtype)
+    return y
+
+
 def dense(features, axes: tuple, *, dtype=jnp.float32, name=None,
           use_bias=True, kernel_init=default_kernel_init, axis=-1):
   """A DenseGeneral whose kernel/bias carry logical axis names.
@@ -29,12 +62,13 @@ def dense(features, axes: tuple, *, dtype=jnp.float32, name=None,
   output dims (as in MaxText's linears).
   """
   features = (features,) if isinstance(features, int) else tuple(features)
-  out_axes = axes[-len(features):]
-  return nn.DenseGeneral(
-      features=features, axis=axis, dtype=dtype, param_dtype=jnp.float32,
-      use_bias=use_bias, name=name,
-      kernel_init=nn.with_logical_partitioning(kernel_init, axes),
-      bias_init=nn.with_logical_partitioning(nn.initializers.zeros, out_axes))
+  axis = (axis,) if isinstance(axis, int) else tuple(axis)
+  if len(axes) != len(axis) + len(features):
+    raise ValueError(f"dense: {len(axes)} axis names for a kernel of rank "
+                     f"{len(axis) + len(features)}")
+  return DenseGeneral(features=features, axes=tuple(axes), axis=axis,
+                      use_bias=use_bias, dtype=dtype, kernel_init=kernel_init,
+                      name=name)
 
 
 def layer_norm(name=None, axis_name="embed", epsilon=1e-5):
@@ -67,11 +101,12 @@ class DropPath(nn.Module):
   Uses the 'dropout' rng stream, so a caller that replays the same rng key
   (the gradient cache does) gets the same dropped samples.
   """
-  rate: float
+  rate: Any  # a float, or a traced scalar when blocks are scanned
 
   @nn.compact
   def __call__(self, x, deterministic: bool = True):
-    if deterministic or self.rate == 0.0:
+    if deterministic or (isinstance(self.rate, (int, float))
+                         and self.rate == 0.0):
       return x
     keep = 1.0 - self.rate
     rng = self.make_rng("dropout")

@@ -29,6 +29,9 @@ class TextConfig:
   dropout: float = 0.0
   drop_path_rate: float = 0.0
   remat: str = "none"
+  # nn.scan over the identical blocks: compile time stays flat in depth.
+  # Parameters then live under "blocks" with a leading "layers" axis.
+  scan: bool = False
 
 
 # "florence": 12 layers as in the paper; width 1152 (18 heads of 64) with
@@ -93,6 +96,22 @@ class TextBlock(nn.Module):
     return x + layers.DropPath(self.drop_path)(y, deterministic)
 
 
+class _ScannedTextBlock(nn.Module):
+  """One scan step: a (rematerialised) block whose drop-path rate is the
+  scanned input, so every layer keeps its own stochastic-depth rate."""
+  config: TextConfig
+  deterministic: bool
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, rate, mask):
+    cfg = self.config
+    block_cls = layers.maybe_remat(TextBlock, cfg.remat, static_argnums=(3,))
+    x = block_cls(cfg.num_heads, cfg.mlp_ratio, cfg.dropout, rate, self.dtype,
+                  name="block")(x, mask, self.deterministic)
+    return x, None
+
+
 class TextTransformer(nn.Module):
   """Returns (feature at the eos token (B, width), aux with hidden states)."""
   config: TextConfig
@@ -123,10 +142,19 @@ class TextTransformer(nn.Module):
     # A row with no visible key (padding queries) must not produce NaNs.
     mask = mask | jnp.eye(length, dtype=bool)[None]
     rates = layers.drop_path_rates(cfg.drop_path_rate, cfg.depth)
-    block_cls = layers.maybe_remat(TextBlock, cfg.remat, static_argnums=(3,))
-    for i in range(cfg.depth):
-      x = block_cls(cfg.num_heads, cfg.mlp_ratio, cfg.dropout, rates[i],
-                    self.dtype, name=f"block{i}")(x, mask, deterministic)
+    if cfg.scan:
+      stack = nn.scan(
+          _ScannedTextBlock, variable_axes={"params": 0},
+          split_rngs={"params": True, "dropout": True},
+          in_axes=(0, nn.broadcast), length=cfg.depth,
+          metadata_params={nn.PARTITION_NAME: "layers"})
+      x, _ = stack(cfg, deterministic, self.dtype, name="blocks")(
+          x, jnp.asarray(rates, jnp.float32), mask)
+    else:
+      block_cls = layers.maybe_remat(TextBlock, cfg.remat, static_argnums=(3,))
+      for i in range(cfg.depth):
+        x = block_cls(cfg.num_heads, cfg.mlp_ratio, cfg.dropout, rates[i],
+                      self.dtype, name=f"block{i}")(x, mask, deterministic)
     x = layers.layer_norm(name="norm")(x)
     eos_pos = jnp.argmax(ids == EOS_ID, axis=-1)
     pooled = x[jnp.arange(b), eos_pos]

@@ -26,6 +26,12 @@ class Task(abc.ABC):
 
   #: What one example of a batch counts as in throughput logs.
   example_unit: str = "examples"
+  #: False for losses that are not a mean over examples (contrastive): the
+  #: trainer then refuses gradient accumulation over micro-batches.
+  supports_grad_accumulation: bool = True
+  #: The device mesh, set by the trainer before anything is traced, for
+  #: tasks with explicit collectives (shard_map).
+  mesh: jax.sharding.Mesh | None = None
 
   def __init__(self, config: ml_collections.ConfigDict, workdir: str):
     self.config = config
@@ -55,11 +61,25 @@ class Task(abc.ABC):
            ) -> tuple[jax.Array, Metrics]:
     """Scalar training loss and metrics for one batch (train mode)."""
 
-  def value_and_grad(self, params: Params, batch: Batch, rng: jax.Array
+  def value_and_grad(self, params: Params, batch: Batch, rng: jax.Array,
+                     loss_scale: jax.Array | None = None
                      ) -> tuple[tuple[jax.Array, Metrics], Params]:
     """Loss, metrics and gradient. Tasks may override this with a cheaper or
-    memory-lighter exact equivalent (e.g. a gradient cache)."""
-    return jax.value_and_grad(self.loss, has_aux=True)(params, batch, rng)
+    memory-lighter exact equivalent (e.g. a gradient cache).
+
+    Args:
+      loss_scale: fp16 dynamic loss scaling: when given, the gradient is that
+        of `loss * loss_scale` (the returned loss stays unscaled).
+    """
+    if loss_scale is None:
+      return jax.value_and_grad(self.loss, has_aux=True)(params, batch, rng)
+
+    def scaled(p, b, r):
+      loss, metrics = self.loss(p, b, r)
+      return loss.astype(jax.numpy.float32) * loss_scale, (loss, metrics)
+    (_, aux), grads = jax.value_and_grad(scaled, has_aux=True)(params, batch,
+                                                               rng)
+    return aux, grads
 
   @abc.abstractmethod
   def train_iterator(self, batch_size: int, process_index: int,

@@ -1,7 +1,10 @@
 """Peak dense bf16 FLOP/s of common accelerators, for MFU.
 
 Figures are the vendors' dense (no sparsity) bf16 peaks per device (one GPU,
-one TPU chip). Unknown kinds (and CPUs) get no MFU rather than a guess.
+one TPU chip); fp16 peaks are the same on these parts. Unknown kinds (and
+CPUs) get no MFU rather than a guess. The trainer divides per-device step
+FLOPs (XLA's cost analysis of the SPMD-partitioned program is per device)
+by step time and by this peak.
 """
 
 from __future__ import annotations
@@ -9,6 +12,7 @@ from __future__ import annotations
 import jax
 
 PEAK_BF16_FLOPS = {
+    "B200": 2250e12,
     "H100": 989e12,        # SXM
     "H200": 989e12,
     "A100": 312e12,

@@ -1,0 +1,281 @@
+"""Export a trained two-tower model for inference outside the training stack.
+
+An export directory holds:
+
+  params.safetensors   inference params only (no optimizer state), flat
+                       names such as 'image_encoder/stage0_block0/attn/qkv/
+                       kernel', fp32 or cast to bf16;
+  config.json          the training config (the model is rebuilt from
+                       `model`, inputs sized by `data.image_size/max_len`);
+  tokenizer.model      the SentencePiece model the text tower was trained on;
+  encode_image.jaxexp  `jax.export` serializations of
+  encode_text.jaxexp   (flat params, inputs) -> L2-normalised embeddings with
+                       a symbolic batch dimension: they run with jax alone,
+                       without florax's model code;
+  manifest.json        written last: format version, step, dtype, shapes,
+                       zero-shot defaults and the size and sha256 of every
+                       other file (a directory without it is incomplete).
+
+Inputs of the exported functions: images float32 (b, S, S, 3) in [-1, 1]
+(uint8 / 127.5 - 1, resized to S with bilinear filtering), token ids int32
+(b, L) from `florax.data.tokenizer` (bos, pieces, eos, pad=0).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from typing import Any, Callable, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+FORMAT = "florax-export"
+VERSION = 1
+MANIFEST = "manifest.json"
+PARAMS_FILE = "params.safetensors"
+CONFIG_FILE = "config.json"
+TOKENIZER_FILE = "tokenizer.model"
+IMAGE_FN_FILE = "encode_image.jaxexp"
+TEXT_FN_FILE = "encode_text.jaxexp"
+DTYPES = ("float32", "bfloat16")
+DEFAULT_PLATFORMS = ("cpu", "cuda")
+
+
+# -- flat names ---------------------------------------------------------------
+
+def flatten_params(params: Mapping[str, Any]) -> dict[str, Any]:
+  """{'a/b/c': leaf} from a nested dict of params (Flax's module paths)."""
+  flat = {}
+
+  def visit(prefix, node):
+    if isinstance(node, Mapping):
+      if not node:
+        return
+      for key in sorted(node):
+        if "/" in str(key):
+          raise ValueError(f"param name {key!r} contains '/'")
+        visit(f"{prefix}/{key}" if prefix else str(key), node[key])
+    else:
+      flat[prefix] = node
+
+  visit("", params)
+  return flat
+
+
+def unflatten_params(flat: Mapping[str, Any]) -> dict[str, Any]:
+  """Inverse of `flatten_params`."""
+  nested: dict[str, Any] = {}
+  for name, leaf in flat.items():
+    *path, last = name.split("/")
+    node = nested
+    for p in path:
+      node = node.setdefault(p, {})
+      if not isinstance(node, dict):
+        raise ValueError(f"param name {name!r} nests under a leaf")
+    node[last] = leaf
+  return nested
+
+
+# -- encoders -----------------------------------------------------------------
+
+def encoders(model) -> tuple[Callable, Callable]:
+  """(encode_image(params, images), encode_text(params, ids)) -> unit-norm
+  embeddings; the same computation as the task's evaluators."""
+  from florax.losses import contrastive  # pylint: disable=g-import-not-at-top
+
+  def encode_image(params, images):
+    return contrastive.l2_normalize(model.apply(
+        {"params": params}, images, method=model.encode_image))
+
+  def encode_text(params, ids):
+    return contrastive.l2_normalize(model.apply(
+        {"params": params}, ids, method=model.encode_text))
+  return encode_image, encode_text
+
+
+def _flat_fn(fn):
+  """fn(nested fp32 params, x) -> fn(flat params in any float dtype, x)."""
+  def wrapped(flat, x):
+    params = unflatten_params({k: v.astype(jnp.float32)
+                               for k, v in flat.items()})
+    return fn(params, x)
+  return wrapped
+
+
+def serialize_encoders(model, flat_abstract: Mapping[str, Any],
+                       image_size: int, max_len: int,
+                       platforms: Sequence[str] = DEFAULT_PLATFORMS
+                       ) -> tuple[bytes, bytes, list[str]]:
+  """`jax.export`s both encoders with a symbolic batch dimension.
+
+  Args:
+    model: the TwoTower module.
+    flat_abstract: {flat name: ShapeDtypeStruct} of the stored params.
+    image_size, max_len: input shapes besides the batch.
+    platforms: lowering platforms; if lowering for all of them fails (e.g. a
+      kernel that exists for one backend only), the default backend alone.
+
+  Returns:
+    (image bytes, text bytes, the platforms used).
+  """
+  encode_image, encode_text = encoders(model)
+  batch, = jax.export.symbolic_shape("batch")
+  images = jax.ShapeDtypeStruct((batch, image_size, image_size, 3),
+                                jnp.float32)
+  ids = jax.ShapeDtypeStruct((batch, max_len), jnp.int32)
+  flat_abstract = {k: jax.ShapeDtypeStruct(v.shape, v.dtype)
+                   for k, v in flat_abstract.items()}
+
+  def run(plats):
+    out = []
+    for fn, x in ((encode_image, images), (encode_text, ids)):
+      exported = jax.export.export(jax.jit(_flat_fn(fn)),
+                                   platforms=tuple(plats))(flat_abstract, x)
+      out.append(bytes(exported.serialize()))
+    return out
+
+  try:
+    img, txt = run(platforms)
+  except Exception:  # pylint: disable=broad-except
+    platforms = (jax.default_backend(),)
+    img, txt = run(platforms)
+  return img, txt, list(platforms)
+
+
+# -- writing ------------------------------------------------------------------
+
+def _sha256(path: str) -> str:
+  h = hashlib.sha256()
+  with open(path, "rb") as f:
+    for chunk in iter(lambda: f.read(1 << 20), b""):
+      h.update(chunk)
+  return h.hexdigest()
+
+
+def zeroshot_defaults(config) -> dict:
+  """Class names and "{}" templates a user gets when passing none."""
+  from florax.evaluate import zeroshot  # pylint: disable=g-import-not-at-top
+  if config.data.name == "digits":
+    from florax.data import digits  # pylint: disable=g-import-not-at-top
+    return {"class_names": list(digits.CLASS_WORDS),
+            "templates": [t.replace("{word}", "{}") for t in digits.TEMPLATES
+                          if "{word}" in t]}
+  return {"class_names": None, "templates": list(zeroshot.IMAGENET_TEMPLATES)}
+
+
+def write_export(out_dir: str, config: ml_collections.ConfigDict,
+                 params: Mapping[str, Any], tokenizer_proto: bytes, *,
+                 step: int, dtype: str = "float32",
+                 platforms: Sequence[str] = DEFAULT_PLATFORMS) -> dict:
+  """Writes an export directory (see module docstring).
+
+  Args:
+    out_dir: target directory; created, or replaced if it holds an export.
+    config: the training config.
+    params: nested params (fp32, any device).
+    tokenizer_proto: the serialized SentencePiece model.
+    step: the checkpoint step, recorded in the manifest.
+    dtype: 'float32' or 'bfloat16' storage dtype.
+    platforms: `jax.export` lowering platforms.
+
+  Returns:
+    The manifest.
+  """
+  from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
+  from florax.tasks import unicl  # pylint: disable=g-import-not-at-top
+  if dtype not in DTYPES:
+    raise ValueError(f"export dtype {dtype!r} is not one of {DTYPES}")
+  if os.path.exists(out_dir) and os.listdir(out_dir):
+    if not os.path.exists(os.path.join(out_dir, MANIFEST)) and not all(
+        f.endswith((".safetensors", ".json", ".model", ".jaxexp"))
+        for f in os.listdir(out_dir)):
+      raise FileExistsError(
+          f"{out_dir} exists and is not a florax export; choose another --out")
+    shutil.rmtree(out_dir)
+  os.makedirs(out_dir)
+
+  np_dtype = jnp.bfloat16 if dtype == "bfloat16" else np.float32
+  flat = {k: np.asarray(jax.device_get(v)).astype(np_dtype)
+          for k, v in flatten_params(params).items()}
+  save_file(flat, os.path.join(out_dir, PARAMS_FILE),
+            metadata={"format": FORMAT, "dtype": dtype, "step": str(step)})
+  with open(os.path.join(out_dir, CONFIG_FILE), "w", encoding="utf-8") as f:
+    f.write(config.to_json_best_effort(indent=1, sort_keys=True))
+  with open(os.path.join(out_dir, TOKENIZER_FILE), "wb") as f:
+    f.write(tokenizer_proto)
+
+  model = unicl.build_model(config.model)
+  img, txt, used = serialize_encoders(
+      model, {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in
+              flat.items()}, config.data.image_size, config.data.max_len,
+      platforms)
+  for name, blob in ((IMAGE_FN_FILE, img), (TEXT_FN_FILE, txt)):
+    with open(os.path.join(out_dir, name), "wb") as f:
+      f.write(blob)
+
+  from florax.data import tokenizer as tok_lib  # pylint: disable=g-import-not-at-top
+  files = {}
+  for name in (PARAMS_FILE, CONFIG_FILE, TOKENIZER_FILE, IMAGE_FN_FILE,
+               TEXT_FN_FILE):
+    path = os.path.join(out_dir, name)
+    files[name] = {"bytes": os.path.getsize(path), "sha256": _sha256(path)}
+  manifest = {
+      "format": FORMAT, "version": VERSION, "step": int(step),
+      "param_dtype": dtype, "num_params": int(sum(v.size for v in flat.values())),
+      "image_size": int(config.data.image_size),
+      "max_len": int(config.data.max_len),
+      "embed_dim": int(config.model.embed_dim),
+      "tokenizer_vocab_size": tok_lib.Tokenizer(tokenizer_proto).vocab_size,
+      "export_platforms": used,
+      "image_input": "float32 (batch, S, S, 3) in [-1, 1]: uint8 / 127.5 - 1 "
+                     "after a bilinear resize to S",
+      "zeroshot": zeroshot_defaults(config),
+      "files": files,
+  }
+  tmp = os.path.join(out_dir, MANIFEST + ".tmp")
+  with open(tmp, "w", encoding="utf-8") as f:
+    json.dump(manifest, f, indent=1)
+  os.replace(tmp, os.path.join(out_dir, MANIFEST))  # last: marks completion
+  return manifest
+
+
+def export_workdir(config: ml_collections.ConfigDict, workdir: str,
+                   out_dir: str, step: int | None = None,
+                   dtype: str = "float32",
+                   platforms: Sequence[str] = DEFAULT_PLATFORMS) -> dict:
+  """Exports one checkpoint of a training workdir.
+
+  Args:
+    config: the config the workdir was trained with.
+    workdir: the training workdir.
+    out_dir: the export directory.
+    step: checkpoint step (None: latest).
+    dtype: 'float32' or 'bfloat16'.
+    platforms: `jax.export` lowering platforms.
+
+  Returns:
+    The manifest.
+  """
+  from florax import restore  # pylint: disable=g-import-not-at-top
+  from florax.tasks import base  # pylint: disable=g-import-not-at-top
+  if dtype not in DTYPES:  # fail before any restore
+    raise ValueError(f"export dtype {dtype!r} is not one of {DTYPES}")
+  task = base.build(config, workdir)
+  tok_path = os.path.join(workdir, TOKENIZER_FILE)
+  if config.data.name != "digits" and config.data.records.tokenizer_path:
+    tok_path = config.data.records.tokenizer_path
+  if not os.path.exists(tok_path):
+    raise FileNotFoundError(
+        f"no tokenizer at {tok_path}: the export needs the tokenizer the "
+        "model was trained with")
+  with open(tok_path, "rb") as f:
+    proto = f.read()
+  params, step = restore.restore_params(workdir,
+                                        restore.abstract_params(task), step)
+  return write_export(out_dir, config, params, proto, step=step, dtype=dtype,
+                      platforms=platforms)

@@ -1,0 +1,408 @@
+"""Inference on an export directory: embeddings, zero-shot, similarity.
+
+  model = florax.inference.load("export_dir")
+  model.encode_image(images)            # PIL images or uint8 arrays
+  model.encode_text(["a handwritten 7.", ...])
+  model.zero_shot(images, ["zero", "one", ...])   # probs + predictions
+  model.similarity(images, texts)        # (n_images, n_texts) cosines
+
+Batches are padded up to a power of two (capped at `max_batch`; longer
+inputs are cut into `max_batch` chunks), so a notebook calling with 1, 3, 7
+or 8 images compiles at most once per bucket instead of once per call. It
+runs on one device: the first GPU when there is one, else the CPU.
+
+Two backends: 'native' rebuilds the model from config.json with florax's
+model code and jits it; 'exported' runs the serialized `jax.export`
+artifacts and needs jax, safetensors and sentencepiece only (this module
+does not import the model code unless the native backend is used).
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import hashlib
+import json
+import os
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+# Kept in sync with florax/export.py, which imports the model code and so is
+# not imported here.
+_FORMAT = "florax-export"
+_VERSION = 1
+_MANIFEST = "manifest.json"
+_PARAMS = "params.safetensors"
+_CONFIG = "config.json"
+_TOKENIZER = "tokenizer.model"
+_IMAGE_FN = "encode_image.jaxexp"
+_TEXT_FN = "encode_text.jaxexp"
+_REQUIRED = (_PARAMS, _CONFIG, _TOKENIZER, _IMAGE_FN, _TEXT_FN)
+BACKENDS = ("native", "exported")
+
+
+class ExportError(ValueError):
+  """The export directory is missing, incomplete, corrupt or inconsistent."""
+
+
+@dataclasses.dataclass
+class ZeroShotResult:
+  """Zero-shot predictions.
+
+  Attributes:
+    class_names: the candidate classes, column order of `probs`.
+    probs: (n_images, n_classes) softmax over temperature-scaled cosines.
+    class_ids: (n_images,) argmax class index.
+    predictions: the predicted class name of every image.
+  """
+  class_names: list[str]
+  probs: np.ndarray
+  class_ids: np.ndarray
+  predictions: list[str]
+
+
+# -- checking the directory ---------------------------------------------------
+
+def _sha256(path: str) -> str:
+  h = hashlib.sha256()
+  with open(path, "rb") as f:
+    for chunk in iter(lambda: f.read(1 << 20), b""):
+      h.update(chunk)
+  return h.hexdigest()
+
+
+def read_manifest(export_dir: str, verify_checksums: bool = False) -> dict:
+  """Reads and checks an export directory's manifest against its files.
+
+  Args:
+    export_dir: the directory written by `python -m launch.export`.
+    verify_checksums: also hash the params and serialized functions (the
+      config and tokenizer are always hashed: they are small).
+
+  Returns:
+    The manifest.
+  """
+  redo = "re-run `python -m launch.export --workdir W --out DIR`"
+  if not os.path.isdir(export_dir):
+    raise ExportError(f"no export directory at {export_dir!r}; {redo}")
+  path = os.path.join(export_dir, _MANIFEST)
+  if not os.path.exists(path):
+    raise ExportError(
+        f"{export_dir} is not a complete florax export: {_MANIFEST} is "
+        f"missing (the export was interrupted, or this is not an export "
+        f"directory); {redo}")
+  try:
+    with open(path, encoding="utf-8") as f:
+      manifest = json.load(f)
+  except (OSError, ValueError) as e:
+    raise ExportError(f"{path} is unreadable or truncated ({e}); {redo}"
+                      ) from None
+  if manifest.get("format") != _FORMAT:
+    raise ExportError(f"{path} is not a florax export manifest")
+  if manifest.get("version") != _VERSION:
+    raise ExportError(
+        f"{export_dir} has export format version {manifest.get('version')}; "
+        f"this florax reads version {_VERSION}")
+  for name in _REQUIRED:
+    file = os.path.join(export_dir, name)
+    expected = manifest["files"].get(name)
+    if expected is None:
+      raise ExportError(f"{path} lists no {name}; {redo}")
+    if not os.path.exists(file):
+      raise ExportError(f"{export_dir} is incomplete: {name} is missing; "
+                        f"{redo}")
+    if name == _TOKENIZER:  # checked by _load_tokenizer, against the config
+      continue
+    size = os.path.getsize(file)
+    if size != expected["bytes"]:
+      raise ExportError(
+          f"{file} is truncated or altered: {size} bytes, the manifest says "
+          f"{expected['bytes']}; {redo}")
+    if (verify_checksums or name == _CONFIG) and (
+        _sha256(file) != expected["sha256"]):
+      raise ExportError(f"{file} does not match its sha256 in the manifest; "
+                        f"{redo}")
+  return manifest
+
+
+def _load_tokenizer(export_dir: str, manifest: dict, text_vocab: int):
+  from florax.data import tokenizer as tok_lib  # pylint: disable=g-import-not-at-top
+  path = os.path.join(export_dir, _TOKENIZER)
+  try:
+    tok = tok_lib.load_tokenizer(path)
+  except Exception as e:  # pylint: disable=broad-except
+    raise ExportError(f"{path} is not a readable SentencePiece model: {e}"
+                      ) from None
+  if tok.vocab_size > text_vocab:
+    raise ExportError(
+        f"{path} has {tok.vocab_size} pieces but the model's text tower has "
+        f"vocab_size {text_vocab}: this tokenizer does not belong to the "
+        "exported config")
+  if tok.vocab_size != manifest["tokenizer_vocab_size"]:
+    raise ExportError(
+        f"{path} has {tok.vocab_size} pieces; the model was trained with a "
+        f"tokenizer of {manifest['tokenizer_vocab_size']}: it does not match "
+        "the exported config")
+  if _sha256(path) != manifest["files"][_TOKENIZER]["sha256"]:
+    raise ExportError(
+        f"{path} is not the tokenizer this model was exported with (its "
+        "sha256 differs from the manifest); put back the exported "
+        "tokenizer.model or re-export")
+  return tok
+
+
+def _load_flat_params(export_dir: str) -> dict[str, np.ndarray]:
+  from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
+  path = os.path.join(export_dir, _PARAMS)
+  try:
+    return load_file(path)
+  except Exception as e:  # pylint: disable=broad-except
+    raise ExportError(f"{path} is not a readable safetensors file: {e}"
+                      ) from None
+
+
+# -- images -------------------------------------------------------------------
+
+def _as_image_list(images) -> list:
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  if isinstance(images, Image.Image):
+    return [images]
+  if isinstance(images, np.ndarray) or hasattr(images, "__array__") and (
+      not isinstance(images, (list, tuple))):
+    arr = np.asarray(images)
+    if arr.ndim == 2 or (arr.ndim == 3 and arr.shape[-1] in (3, 4)):
+      return [arr]
+    if arr.ndim in (3, 4):
+      return list(arr)
+    raise ValueError(
+        f"image array must be (H, W), (H, W, C), (N, H, W) or (N, H, W, C); "
+        f"got shape {arr.shape}")
+  return list(images)
+
+
+def preprocess(images, size: int) -> np.ndarray:
+  """PIL images or uint8 arrays -> float32 (n, size, size, 3) in [-1, 1].
+
+  Grey images stay grey through the bilinear resize and are repeated over
+  RGB, as the digits pipeline does; colour images are resized as RGB.
+  """
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  out = []
+  for i, im in enumerate(_as_image_list(images)):
+    if not isinstance(im, Image.Image):
+      arr = np.asarray(im)
+      if arr.dtype != np.uint8:
+        raise ValueError(
+            f"image {i}: pass uint8 pixel arrays (0-255) or PIL images; got "
+            f"dtype {arr.dtype}")
+      if arr.ndim == 3 and arr.shape[-1] == 1:
+        arr = arr[..., 0]
+      if arr.ndim not in (2, 3) or (arr.ndim == 3 and arr.shape[-1] not in
+                                    (3, 4)):
+        raise ValueError(f"image {i}: expected (H, W) or (H, W, 3|4), got "
+                         f"shape {arr.shape}")
+      im = Image.fromarray(arr)
+    if im.mode not in ("L", "RGB"):
+      im = im.convert("RGB")
+    x = np.asarray(im.resize((size, size), Image.BILINEAR), np.float32)
+    x = x / 127.5 - 1.0
+    if x.ndim == 2:
+      x = np.repeat(x[:, :, None], 3, axis=2)
+    out.append(x)
+  if not out:
+    raise ValueError("no images given")
+  return np.stack(out)
+
+
+def bucket_size(n: int, max_batch: int) -> int:
+  """The padded batch for n inputs: the next power of two, capped."""
+  return min(1 << max(0, (n - 1).bit_length()), max_batch)
+
+
+# -- the model ----------------------------------------------------------------
+
+class Model:
+  """An exported two-tower model on one device. Build it with `load`."""
+
+  def __init__(self, export_dir: str, manifest: dict, config: dict,
+               tokenizer, image_fn, text_fn, params, logit_scale: float,
+               device, max_batch: int, backend: str):
+    self.export_dir = export_dir
+    self.manifest = manifest
+    self.config = config
+    self.tokenizer = tokenizer
+    self.image_size = int(manifest["image_size"])
+    self.max_len = int(manifest["max_len"])
+    self.step = int(manifest["step"])
+    self.logit_scale = float(logit_scale)
+    self.device = device
+    self.max_batch = max_batch
+    self.backend = backend
+    self._params = params
+    #: (tower, padded batch) -> times traced; tracing precedes every compile.
+    self.traces: collections.Counter = collections.Counter()
+    self._image_fn = self._jit("image", image_fn)
+    self._text_fn = self._jit("text", text_fn)
+
+  def _jit(self, tower, fn):
+    def counted(params, x):
+      self.traces[(tower, x.shape[0])] += 1  # runs at trace time only
+      return fn(params, x)
+    return jax.jit(counted)
+
+  def _run(self, fn, x: np.ndarray) -> np.ndarray:
+    outs = []
+    for start in range(0, x.shape[0], self.max_batch):
+      chunk = x[start:start + self.max_batch]
+      n = chunk.shape[0]
+      pad = bucket_size(n, self.max_batch) - n
+      if pad:
+        chunk = np.concatenate([chunk, np.zeros((pad,) + chunk.shape[1:],
+                                                chunk.dtype)])
+      out = fn(self._params, jax.device_put(chunk, self.device))
+      outs.append(np.asarray(out)[:n])
+    return np.concatenate(outs)
+
+  def preprocess(self, images) -> np.ndarray:
+    return preprocess(images, self.image_size)
+
+  def encode_image(self, images) -> np.ndarray:
+    """Unit-norm embeddings (n, d) of PIL images or uint8 arrays."""
+    return self._run(self._image_fn, self.preprocess(images))
+
+  def encode_pixels(self, pixels) -> np.ndarray:
+    """Like `encode_image` for already preprocessed float32 (n, S, S, 3)."""
+    pixels = np.asarray(pixels, np.float32)
+    shape = (self.image_size, self.image_size, 3)
+    if pixels.ndim != 4 or pixels.shape[1:] != shape:
+      raise ValueError(f"pixels must be (n, {shape[0]}, {shape[1]}, 3), got "
+                       f"{pixels.shape}")
+    return self._run(self._image_fn, pixels)
+
+  def tokenize(self, texts: Sequence[str]) -> np.ndarray:
+    if isinstance(texts, str):
+      raise ValueError("encode_text takes a list of strings, not one string")
+    texts = list(texts)
+    if not texts:
+      raise ValueError("no texts given")
+    return self.tokenizer.encode_batch(texts, self.max_len)
+
+  def encode_text(self, texts: Sequence[str]) -> np.ndarray:
+    """Unit-norm embeddings (n, d) of a list of strings."""
+    return self._run(self._text_fn, self.tokenize(texts))
+
+  def similarity(self, images, texts: Sequence[str]) -> np.ndarray:
+    """Cosine similarities (n_images, n_texts)."""
+    return self.encode_image(images) @ self.encode_text(texts).T
+
+  def zero_shot(self, images, class_names: Sequence[str] | None = None,
+                templates: Sequence[str] | None = None) -> ZeroShotResult:
+    """Classifies images among class names by prompt-ensembled text.
+
+    Args:
+      images: PIL images or uint8 arrays.
+      class_names: candidate classes; default: the export's own (digits).
+      templates: "{}" prompt templates; default: the export's (CLIP's 80
+        ImageNet templates unless the training data had its own).
+
+    Returns:
+      A ZeroShotResult.
+    """
+    from florax.evaluate import zeroshot  # pylint: disable=g-import-not-at-top
+    defaults = self.manifest.get("zeroshot", {})
+    if class_names is None:
+      class_names = defaults.get("class_names")
+      if not class_names:
+        raise ValueError("this export has no default class names; pass "
+                         "class_names")
+    templates = list(templates or defaults.get("templates")
+                     or zeroshot.IMAGENET_TEMPLATES)
+    class_emb = zeroshot.class_embeddings(self.encode_text, class_names,
+                                          templates, self.max_batch)
+    logits = self.logit_scale * (self.encode_image(images) @ class_emb.T)
+    logits = logits - logits.max(axis=1, keepdims=True)
+    probs = np.exp(logits)
+    probs /= probs.sum(axis=1, keepdims=True)
+    ids = np.argmax(probs, axis=1)
+    names = list(class_names)
+    return ZeroShotResult(names, probs, ids, [names[i] for i in ids])
+
+
+def _logit_scale(flat: dict, max_scale: float = 100.0) -> float:
+  # TwoTower.logit_scale: exp(log τ) clamped at 100.
+  return float(np.exp(min(float(np.asarray(flat["logit_scale"], np.float32)),
+                          np.log(max_scale))))
+
+
+def load(export_dir: str, *, backend: str = "native", device=None,
+         max_batch: int = 64, verify_checksums: bool = False) -> Model:
+  """Loads an export directory for inference.
+
+  Args:
+    export_dir: written by `python -m launch.export`.
+    backend: 'native' (florax model code, jit) or 'exported' (the
+      serialized jax.export functions; no model code imported).
+    device: a jax device; default the first one (a GPU if present).
+    max_batch: largest padded batch; a power of two.
+    verify_checksums: hash every file against the manifest.
+
+  Returns:
+    A Model.
+  """
+  if backend not in BACKENDS:
+    raise ValueError(f"backend {backend!r} is not one of {BACKENDS}")
+  if max_batch < 1 or max_batch & (max_batch - 1):
+    raise ValueError(f"max_batch must be a power of two, got {max_batch}")
+  manifest = read_manifest(export_dir, verify_checksums)
+  with open(os.path.join(export_dir, _CONFIG), encoding="utf-8") as f:
+    config = json.load(f)
+  tokenizer = _load_tokenizer(export_dir, manifest,
+                              int(config["model"]["text"]["vocab_size"]))
+  flat = _load_flat_params(export_dir)
+  device = device or jax.devices()[0]
+  scale = _logit_scale(flat)
+
+  if backend == "exported":
+    fns = []
+    for name in (_IMAGE_FN, _TEXT_FN):
+      with open(os.path.join(export_dir, name), "rb") as f:
+        try:
+          exported = jax.export.deserialize(bytearray(f.read()))
+        except Exception as e:  # pylint: disable=broad-except
+          raise ExportError(f"cannot deserialize {name}: {e}") from None
+      fns.append(lambda p, x, e=exported: e.call(p, x))
+    params = jax.device_put(flat, device)
+    return Model(export_dir, manifest, config, tokenizer, fns[0], fns[1],
+                 params, scale, device, max_batch, backend)
+
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  from florax import export  # pylint: disable=g-import-not-at-top
+  from florax.tasks import unicl  # pylint: disable=g-import-not-at-top
+  model = unicl.build_model(ml_collections.ConfigDict(config["model"]))
+  image_fn, text_fn = export.encoders(model)
+  s, length = manifest["image_size"], manifest["max_len"]
+  boxed = jax.eval_shape(model.init, jax.random.key(0),
+                         jnp.zeros((1, s, s, 3)), jnp.zeros((1, length),
+                                                            jnp.int32))
+  import flax.linen as nn  # pylint: disable=g-import-not-at-top
+  expected = export.flatten_params(nn.unbox(boxed)["params"])
+  missing = sorted(set(expected) - set(flat))
+  extra = sorted(set(flat) - set(expected))
+  if missing or extra:
+    raise ExportError(
+        f"{_PARAMS} does not match config.json's model: {len(missing)} "
+        f"params missing (e.g. {missing[:2]}), {len(extra)} unexpected "
+        f"(e.g. {extra[:2]})")
+  for k, v in expected.items():
+    if tuple(flat[k].shape) != tuple(v.shape):
+      raise ExportError(f"{_PARAMS}: {k} has shape {flat[k].shape}, the "
+                        f"config's model needs {v.shape}")
+  # bf16 storage is widened on load: the towers compute in config dtype.
+  params = export.unflatten_params(
+      {k: np.asarray(v).astype(np.float32) for k, v in flat.items()})
+  params = jax.device_put(params, device)
+  return Model(export_dir, manifest, config, tokenizer, image_fn, text_fn,
+               params, scale, device, max_batch, backend)
