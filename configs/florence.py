@@ -78,6 +78,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.train.eval_every = 100
   c.train.checkpoint_every = 50
   c.train.keep_checkpoints = 3
+  # False: resume the model but start the data stream afresh (needed after
+  # changing the process count, which changes every process's shard).
+  c.train.restore_data_state = True
   # Micro-batches per step (mean-over-examples losses only; the contrastive
   # task refuses it and uses contrastive.chunk_size instead).
   c.train.grad_accum_steps = 1

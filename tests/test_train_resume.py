@@ -53,6 +53,12 @@ def test_smoke_and_exact_resume(tmp_path):
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6,
                                                        atol=1e-7),
                ref["params"], got["params"])
+  # The saved data position belongs to batch 16: a resume at batch 32 is
+  # refused before anything is restored or compiled.
+  with pytest.raises(ValueError, match="data layout"):
+    trainer_lib.Trainer(tiny_config(**{"train.batch_size": 32,
+                                       "train.steps": 8}),
+                        str(tmp_path / "b")).train()
   # And the params moved: the test would pass trivially otherwise.
   init = jax.device_get(trainer_lib.Trainer(cfg, str(tmp_path / "c"))
                         .init_state()["params"])

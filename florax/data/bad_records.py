@@ -182,7 +182,8 @@ class SkipAccountingIterator(grain.DatasetIterator):
           f"has {self._layout}; exact resume needs the same process count, "
           "process index, worker count and batch size. Restore with the "
           "original layout, or start the data iterator fresh (set "
-          "data.restore_state=False) to accept a different data order.")
+          "--config.train.restore_data_state=False) to accept a different data "
+          "order.")
     self._parent.set_state(state["pipeline"])
     self.skipped = state["skipped"]
     self.examples = state["examples"]

@@ -64,6 +64,30 @@ def check_model_spec(workdir: str, params: Any):
       + "; ".join(details) + ". Use a new --workdir or the matching config.")
 
 
+LAYOUT_FILE = "data_layout.json"
+
+
+def check_data_layout(workdir: str, layout: dict, restore_data: bool):
+  """A data iterator's position only means something for the process count
+  and batch size it was saved with: refuse a resume that changed them,
+  unless the data stream is to start afresh."""
+  path = os.path.join(workdir, LAYOUT_FILE)
+  if os.path.exists(path):
+    with open(path) as f:
+      saved = json.load(f)
+    if saved != layout and restore_data:
+      raise ValueError(
+          f"workdir {workdir} was trained with data layout {saved}, this run "
+          f"has {layout}: the saved data position cannot be continued. Use "
+          "the original layout, or --config.train.restore_data_state=False "
+          "to resume the model with a fresh data stream.")
+  if jax.process_index() == 0:
+    os.makedirs(workdir, exist_ok=True)
+    with open(path + ".tmp", "w") as f:
+      json.dump(layout, f)
+    os.replace(path + ".tmp", path)
+
+
 class Checkpointer:
   """CheckpointManager for {'state': pytree, 'data': grain iterator}."""
 
@@ -85,13 +109,18 @@ class Checkpointer:
             data=grain.checkpoint.CheckpointSave(data_iterator)),
         force=force)
 
-  def restore(self, step: int, abstract_state: Any, data_iterator):
-    """Restores onto the shardings carried by `abstract_state`'s leaves."""
+  def restore(self, step: int, abstract_state: Any, data_iterator,
+              restore_data: bool = True):
+    """Restores onto the shardings carried by `abstract_state`'s leaves.
+
+    With `restore_data=False` the data iterator keeps its fresh position
+    (e.g. after changing the process count, which changes the data order).
+    """
+    items = {"state": ocp.args.StandardRestore(abstract_state)}
+    if restore_data:
+      items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
     try:
-      restored = self.manager.restore(
-          step, args=ocp.args.Composite(
-              state=ocp.args.StandardRestore(abstract_state),
-              data=grain.checkpoint.CheckpointRestore(data_iterator)))
+      restored = self.manager.restore(step, args=ocp.args.Composite(**items))
     except Exception as e:  # name the checkpoint; keep the cause attached
       raise RuntimeError(
           f"could not restore checkpoint step {step} from "

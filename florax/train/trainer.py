@@ -298,8 +298,15 @@ class Trainer:
                                          jax.process_count())
 
     latest = checkpointer.latest_step()
+    restore_data = cfg.get("restore_data_state", True)
+    ckpt_lib.check_data_layout(
+        self.workdir, {"process_count": jax.process_count(),
+                       "batch_size": cfg.batch_size},
+        restore_data and latest is not None)
     if latest is not None:
-      state = checkpointer.restore(latest, self.abstract_state, data_iter)
+      state = checkpointer.restore(
+          latest, self.abstract_state, data_iter,
+          restore_data=restore_data)
       writer.truncate_after(latest)
       _log(f"florax: resumed from checkpoint step {latest} in {self.workdir}")
     else:
