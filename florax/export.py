@@ -149,7 +149,7 @@ def serialize_encoders(model, flat_abstract: Mapping[str, Any],
 
 # -- writing ------------------------------------------------------------------
 
-def _sha256(path: str) -> str:
+def sha256_file(path: str) -> str:
   h = hashlib.sha256()
   with open(path, "rb") as f:
     for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -223,7 +223,7 @@ def write_export(out_dir: str, config: ml_collections.ConfigDict,
   for name in (PARAMS_FILE, CONFIG_FILE, TOKENIZER_FILE, IMAGE_FN_FILE,
                TEXT_FN_FILE):
     path = os.path.join(out_dir, name)
-    files[name] = {"bytes": os.path.getsize(path), "sha256": _sha256(path)}
+    files[name] = {"bytes": os.path.getsize(path), "sha256": sha256_file(path)}
   manifest = {
       "format": FORMAT, "version": VERSION, "step": int(step),
       "param_dtype": dtype, "num_params": int(sum(v.size for v in flat.values())),

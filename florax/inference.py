@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import hashlib
 import json
 import os
 from typing import Any, Sequence
@@ -30,16 +29,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-# Kept in sync with florax/export.py, which imports the model code and so is
-# not imported here.
-_FORMAT = "florax-export"
-_VERSION = 1
-_MANIFEST = "manifest.json"
-_PARAMS = "params.safetensors"
-_CONFIG = "config.json"
-_TOKENIZER = "tokenizer.model"
-_IMAGE_FN = "encode_image.jaxexp"
-_TEXT_FN = "encode_text.jaxexp"
+# florax.export imports the model code only inside its functions, so the
+# exported backend can share its format constants without loading models.
+from florax.export import CONFIG_FILE as _CONFIG  # noqa: E402
+from florax.export import FORMAT as _FORMAT  # noqa: E402
+from florax.export import IMAGE_FN_FILE as _IMAGE_FN  # noqa: E402
+from florax.export import MANIFEST as _MANIFEST  # noqa: E402
+from florax.export import PARAMS_FILE as _PARAMS  # noqa: E402
+from florax.export import TEXT_FN_FILE as _TEXT_FN  # noqa: E402
+from florax.export import TOKENIZER_FILE as _TOKENIZER  # noqa: E402
+from florax.export import VERSION as _VERSION  # noqa: E402
+from florax.export import sha256_file as _sha256  # noqa: E402
 _REQUIRED = (_PARAMS, _CONFIG, _TOKENIZER, _IMAGE_FN, _TEXT_FN)
 BACKENDS = ("native", "exported")
 
@@ -65,14 +65,6 @@ class ZeroShotResult:
 
 
 # -- checking the directory ---------------------------------------------------
-
-def _sha256(path: str) -> str:
-  h = hashlib.sha256()
-  with open(path, "rb") as f:
-    for chunk in iter(lambda: f.read(1 << 20), b""):
-      h.update(chunk)
-  return h.hexdigest()
-
 
 def read_manifest(export_dir: str, verify_checksums: bool = False) -> dict:
   """Reads and checks an export directory's manifest against its files.

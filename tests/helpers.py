@@ -15,10 +15,16 @@ def tiny_config(**overrides):
     cfg.train.checkpoint_every = 2
     cfg.optimizer.warmup_steps = 2
     cfg.model.image.drop_path_rate = 0.1  # exercise the dropout rng on resume
-    for dotted, value in overrides.items():
-      node = cfg
-      *path, last = dotted.split(".")
-      for p in path:
-        node = node[p]
-      node[last] = value
+    apply_overrides(cfg, overrides)
+  return cfg
+
+
+def apply_overrides(cfg, overrides):
+  """Sets {'a.b.c': value} fields, as --config.a.b.c=value would."""
+  for dotted, value in overrides.items():
+    node = cfg
+    *path, last = dotted.split(".")
+    for p in path:
+      node = node[p]
+    node[last] = value
   return cfg

@@ -18,6 +18,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+import helpers
+
 from florax.data import pipeline
 from florax.models import layers
 from florax.tasks import base, unicl
@@ -116,13 +118,7 @@ def regression_config(**overrides) -> ml_collections.ConfigDict:
                     "growth_interval": 2000, "growth_factor": 2.0,
                     "backoff_factor": 0.5},
   })
-  for dotted, value in overrides.items():
-    node = c
-    *path, last = dotted.split(".")
-    for p in path:
-      node = node[p]
-    node[last] = value
-  return c
+  return helpers.apply_overrides(c, overrides)
 
 
 @dataclasses.dataclass(frozen=True)
