@@ -24,9 +24,6 @@ from florax.data import pipeline
 from florax.models import layers
 from florax.tasks import base, unicl
 
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16,
-          "float16": jnp.float16}
-
 
 class _Mlp(nn.Module):
   hidden: int
@@ -76,7 +73,7 @@ class RegressionTask(base.Task):
   @property
   def model(self):
     m = self.config.model
-    return _Mlp(m.hidden, m.out, DTYPES[m.dtype])
+    return _Mlp(m.hidden, m.out, unicl.DTYPES[m.dtype])
 
   def batch_spec(self, global_batch_size):
     m = self.config.model
