@@ -48,8 +48,7 @@ def text_formula(cfg: text.TextConfig) -> int:
 @pytest.mark.parametrize("preset", sorted(florence._PRESETS))
 def test_preset_counts_match_closed_form(preset):
   cfg = florence.get_config(preset)
-  image_cfg = coswin.CoSwinConfig(**{k: tuple(v) if isinstance(v, list) else v
-                                     for k, v in cfg.model.image.items()})
+  image_cfg = unicl.image_config(cfg.model)
   text_cfg = text.TextConfig(**dict(cfg.model.text))
   model = unicl.build_model(cfg.model)
   s, length = cfg.data.image_size, cfg.data.max_len
@@ -68,8 +67,7 @@ def test_preset_counts_match_closed_form(preset):
 
 def test_florence_h_matches_the_paper():
   cfg = florence.get_config("h")
-  image_cfg = coswin.CoSwinConfig(**{k: tuple(v) if isinstance(v, list) else v
-                                     for k, v in cfg.model.image.items()})
+  image_cfg = unicl.image_config(cfg.model)
   text_cfg = text.TextConfig(**dict(cfg.model.text))
   last = image_cfg.embed_dim * 2 ** (len(image_cfg.depths) - 1)
   # Each tower counted with its projection into the shared space.
