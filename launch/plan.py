@@ -51,7 +51,7 @@ from ml_collections import config_flags  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None,
                                           "config file[:preset]",
-                                          lock_config=False)
+                                          lock_config=True)
 _DEVICES = flags.DEFINE_integer("devices", None, "devices to plan for "
                                 "(emulated on the host CPU); default: all")
 _MEMORY = flags.DEFINE_float("memory_gb", None, "memory per device in GiB")
