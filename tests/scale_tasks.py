@@ -138,3 +138,18 @@ class SlicedUniCLTask(unicl.UniCLTask):
         batch_size=batch_size * process_count, seed=self.config.seed)
     lo = process_index * batch_size
     return iter(ds.map(_Rows(lo, lo + batch_size)))
+
+
+def run_steps(cfg, workdir, batches):
+  """Trains `cfg` on the given per-step numpy batches through the Trainer's
+  compiled step; returns (losses, final params, trainer)."""
+  from florax.parallel import sharding as sharding_lib  # pylint: disable=g-import-not-at-top
+  from florax.train import trainer as trainer_lib  # pylint: disable=g-import-not-at-top
+  t = trainer_lib.Trainer(cfg, str(workdir))
+  state = t.init_state()
+  step = t.compile_step()
+  losses = []
+  for b in batches:
+    state, metrics = step(state, sharding_lib.global_batch(b, t.batch_sharding))
+    losses.append(float(metrics["train/loss"]))
+  return losses, jax.device_get(state["params"]), t

@@ -9,21 +9,9 @@ import jax
 import numpy as np
 import pytest
 
-from florax.parallel import sharding as sharding_lib
 from florax.train import trainer as trainer_lib
 import scale_tasks
 from helpers import tiny_config
-
-
-def _train(cfg, workdir, batches):
-  t = trainer_lib.Trainer(cfg, str(workdir))
-  state = t.init_state()
-  step = t.compile_step()
-  losses = []
-  for b in batches:
-    state, m = step(state, sharding_lib.global_batch(b, t.batch_sharding))
-    losses.append(float(m["train/loss"]))
-  return losses, jax.device_get(state["params"])
 
 
 def test_four_micro_batches_equal_the_large_batch(tmp_path):
@@ -35,8 +23,8 @@ def test_four_micro_batches_equal_the_large_batch(tmp_path):
   acc = scale_tasks.regression_config(**{"train.batch_size": 64,
                                          "sharding.zero_stage": 2,
                                          "train.grad_accum_steps": 4})
-  ref_losses, ref_params = _train(big, tmp_path / "a", batches)
-  losses, params = _train(acc, tmp_path / "b", batches)
+  ref_losses, ref_params, _ = scale_tasks.run_steps(big, tmp_path / "a", batches)
+  losses, params, _ = scale_tasks.run_steps(acc, tmp_path / "b", batches)
   np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5,
                                                        atol=1e-6),

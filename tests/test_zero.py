@@ -81,18 +81,6 @@ def _reference(cfg, batches, tmp):
   return losses, jax.device_get(params)
 
 
-def _sharded(cfg, batches, tmp):
-  t = trainer_lib.Trainer(cfg, str(tmp))
-  state = t.init_state()
-  step = t.compile_step()
-  losses = []
-  for b in batches:
-    state, metrics = step(state, sharding_lib.global_batch(b,
-                                                           t.batch_sharding))
-    losses.append(float(metrics["train/loss"]))
-  return losses, jax.device_get(state["params"]), t
-
-
 # (mesh axes, zero stage): every stage once and every mesh shape once:
 # 8x1 (data), 4x2 (data x fsdp), 2x4 (data x tensor: tensor-parallel rules
 # on mlp/vocab) and 1x8 (fsdp).
@@ -115,7 +103,7 @@ def test_stages_and_meshes_match_an_unsharded_loop(tmp_path):
     c = scale_tasks.regression_config(**{"optimizer.clip_norm": 1.0,
                                          "sharding.zero_stage": stage,
                                          "mesh.axes": axes})
-    losses, params, t = _sharded(c, batches, tmp_path / f"run{i}")
+    losses, params, t = scale_tasks.run_steps(c, tmp_path / f"run{i}", batches)
     np.testing.assert_allclose(losses, ref_losses, rtol=1e-5,
                                err_msg=f"{axes} stage {stage}")
     jax.tree.map(lambda a, b: np.testing.assert_allclose(

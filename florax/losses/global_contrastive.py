@@ -25,34 +25,10 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.sharding import PartitionSpec as P
 
 from florax.losses import contrastive
-from florax.parallel.mesh import DATA_AXES
-
-
-def current_mesh(mesh=None):
-  """`mesh` if given, else the mesh set by `jax.set_mesh` (None if none)."""
-  if mesh is not None:
-    return mesh
-  abstract = jax.sharding.get_abstract_mesh()
-  if abstract is None or abstract.empty:
-    return None
-  return abstract
-
-
-def data_axes(mesh, axes=None) -> tuple[str, ...]:
-  """The data-parallel axes of `mesh` (those of `axes`, default DATA_AXES)."""
-  if mesh is None:
-    return ()
-  names = DATA_AXES if axes is None else tuple(axes)
-  return tuple(a for a in names if a in mesh.shape)
-
-
-def data_size(mesh, axes=None) -> int:
-  """Number of data-parallel shards the batch is split into."""
-  return int(np.prod([mesh.shape[a] for a in data_axes(mesh, axes)] or [1]))
+from florax.parallel.mesh import current_mesh, data_axes, data_size
 
 
 def global_unicl_loss(image_emb, text_emb, labels, logit_scale, *, mesh=None,

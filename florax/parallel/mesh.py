@@ -52,8 +52,27 @@ def make_mesh(axes: Mapping[str, int],
   return Mesh(np.asarray(devices).reshape(shape), names, axis_types=auto)
 
 
-def data_parallel_size(mesh: Mesh) -> int:
-  return int(np.prod([mesh.shape[a] for a in DATA_AXES if a in mesh.shape]))
+def current_mesh(mesh=None):
+  """`mesh` if given, else the mesh set by `jax.set_mesh` (None if none)."""
+  if mesh is not None:
+    return mesh
+  abstract = jax.sharding.get_abstract_mesh()
+  if abstract is None or abstract.empty:
+    return None
+  return abstract
+
+
+def data_axes(mesh, axes=None) -> tuple[str, ...]:
+  """The data-parallel axes of `mesh` (those of `axes`, default DATA_AXES)."""
+  if mesh is None:
+    return ()
+  names = DATA_AXES if axes is None else tuple(axes)
+  return tuple(a for a in names if a in mesh.shape)
+
+
+def data_size(mesh, axes=None) -> int:
+  """Number of data-parallel shards the batch is split into."""
+  return int(np.prod([mesh.shape[a] for a in data_axes(mesh, axes)] or [1]))
 
 
 def use_mesh(mesh: Mesh):

@@ -12,7 +12,7 @@ import flax.linen as nn
 import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from florax.parallel.mesh import DATA_AXES
+from florax.parallel.mesh import data_axes
 
 
 def rules_from_config(rules: Sequence[Sequence[Any]]) -> tuple:
@@ -36,8 +36,7 @@ def logical_shardings(abstract_boxed: Any, mesh: Mesh, rules) -> Any:
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
   """Leading (batch) dimension split over every data-parallel axis present."""
-  axes = tuple(a for a in DATA_AXES if a in mesh.shape)
-  return NamedSharding(mesh, P(axes))
+  return NamedSharding(mesh, P(data_axes(mesh)))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

@@ -236,8 +236,8 @@ class UniCLTask(base.Task):
     its rows against all columns) when contrastive.global_loss is set and a
     mesh is known, else computed by GSPMD from the whole logits matrix."""
     cc = _contrastive_settings(self.config)
-    mesh = global_contrastive.current_mesh(self.mesh)
-    if cc["global_loss"] and global_contrastive.data_axes(mesh):
+    mesh = mesh_lib.current_mesh(self.mesh)
+    if cc["global_loss"] and mesh_lib.data_axes(mesh):
       return global_contrastive.global_unicl_loss(
           image_emb, text_emb, labels, scale, mesh=mesh,
           global_backprop=cc["global_backprop"], row_block=row_block)
@@ -278,7 +278,7 @@ class UniCLTask(base.Task):
     (_, aux), grads = grad_cache.cached_value_and_grad(
         (image_tower, text_tower), loss_fn, params,
         (batch["image"], batch["text"]), rng, chunk_size=chunk,
-        mesh=global_contrastive.current_mesh(self.mesh))
+        mesh=mesh_lib.current_mesh(self.mesh))
     return aux, grads
 
   def chunk_size(self, global_batch: int) -> int:
@@ -297,7 +297,7 @@ class UniCLTask(base.Task):
     contrastive.memory_budget_gb per device."""
     mesh = self.mesh
     if mesh is None:
-      abstract = global_contrastive.current_mesh()
+      abstract = mesh_lib.current_mesh()
       mesh = (mesh_lib.make_mesh(dict(abstract.shape)) if abstract is not None
               else mesh_lib.make_mesh({"data": -1}))
     rules = sharding_lib.rules_from_config(self.config.sharding.rules)
@@ -319,7 +319,7 @@ class UniCLTask(base.Task):
         return grad_cache.compiled_peak_bytes(
             step.lower(params, batch, rng).compile())
 
-    local = global_batch // global_contrastive.data_size(mesh)
+    local = global_batch // mesh_lib.data_size(mesh)
     return grad_cache.auto_chunk_size(local, peak_bytes, budget)
 
   # -- evaluation -----------------------------------------------------------

@@ -38,7 +38,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from florax.losses.global_contrastive import current_mesh, data_axes, data_size
+from florax.parallel.mesh import current_mesh, data_axes, data_size
 
 # tower(params, inputs_chunk, rng) -> (rows, D) embeddings
 Tower = Callable[[Any, Any, jax.Array], jax.Array]

@@ -134,7 +134,7 @@ class Trainer:
     self.task.mesh = self.mesh  # for tasks with explicit collectives
     self.rules = sharding_lib.rules_from_config(config.sharding.rules)
     self.zero_stage = int(config.sharding.get("zero_stage", 0))
-    dp = mesh_lib.data_parallel_size(self.mesh)
+    dp = mesh_lib.data_size(self.mesh)
     bs = config.train.batch_size
     if bs % dp or bs % jax.process_count():
       raise ValueError(
