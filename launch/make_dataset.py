@@ -2,16 +2,33 @@
 
   python -m launch.make_dataset --captions=caps.csv --out=/data/mine
   python -m launch.make_dataset --webdataset='/data/wds/*.tar' --out=/data/cc
-  python -m launch.make_dataset --class_folders=/data/flowers --out=/data/fl
+  python -m launch.make_dataset --class_folders=/data/flowers --out=/data/fl \
+      --holdout_fraction=0.02
 
 --captions takes CSV (header: path,caption[,label]) or JSONL; paths are
 relative to --image_root (default: the captions file's folder).
+
+Every image is decoded once and truncated or corrupt ones are skipped
+(--noverify_images skips the check; bad images then surface in training).
+
+--holdout_fraction=F puts a fraction F (0 <= F < 1) of the records into a
+`validation` split of the same directory, the rest into `train`; a hash of
+the record id decides, so the split does not depend on --num_workers or the
+input order. Read a split with `records.RecordSource(dir, split=...)` (in a
+config: data.records.split). Class names and the UniCL label table cover
+both splits.
+
+An existing non-empty --out is refused; --overwrite replaces the dataset in
+it. The new dataset is built in <out>.partial-<pid> beside it and swapped in
+only when complete, so a failed conversion leaves the old one untouched.
+Exits non-zero, with the first skip reasons, when no record was written.
 """
 
 from __future__ import annotations
 
 import glob
 import os
+import sys
 
 from absl import app
 from absl import flags
@@ -24,12 +41,33 @@ _WDS = flags.DEFINE_string("webdataset", "", "Glob of webdataset tar files.")
 _CLASSES = flags.DEFINE_string("class_folders", "",
                                "Folder with one subfolder per class.")
 _OUT = flags.DEFINE_string("out", "", "Output dataset directory (new).")
+_OVERWRITE = flags.DEFINE_bool("overwrite", False,
+                               "Replace the dataset already in --out.")
+_HOLDOUT = flags.DEFINE_float("holdout_fraction", 0.0,
+                              "Fraction of records in a `validation` split.")
 _WORKERS = flags.DEFINE_integer("num_workers", os.cpu_count() or 1,
                                 "Conversion processes.")
 _PER_SHARD = flags.DEFINE_integer("records_per_shard", 10_000,
                                   "Records per ArrayRecord shard.")
-_VERIFY = flags.DEFINE_bool("verify_images", False,
-                            "Skip images PIL cannot parse (slower).")
+_VERIFY = flags.DEFINE_bool("verify_images", True,
+                            "Decode every image; skip truncated/corrupt ones.")
+
+
+def _convert() -> dict:
+  common = dict(num_workers=_WORKERS.value, verify_images=_VERIFY.value,
+                holdout_fraction=_HOLDOUT.value, overwrite=_OVERWRITE.value)
+  if _CAPTIONS.value:
+    return converters.convert_captions(
+        _CAPTIONS.value, _OUT.value, image_root=_IMAGE_ROOT.value or None,
+        records_per_shard=_PER_SHARD.value, **common)
+  if _WDS.value:
+    tars = sorted(glob.glob(_WDS.value))
+    if not tars:
+      raise app.UsageError(f"--webdataset={_WDS.value} matches no file")
+    return converters.convert_webdataset(tars, _OUT.value, **common)
+  return converters.convert_class_folders(
+      _CLASSES.value, _OUT.value, records_per_shard=_PER_SHARD.value,
+      **common)
 
 
 def main(argv):
@@ -38,25 +76,15 @@ def main(argv):
   if len(chosen) != 1 or not _OUT.value:
     raise app.UsageError("give --out and exactly one of --captions, "
                          "--webdataset, --class_folders")
-  if _CAPTIONS.value:
-    meta = converters.convert_captions(
-        _CAPTIONS.value, _OUT.value, image_root=_IMAGE_ROOT.value or None,
-        num_workers=_WORKERS.value, records_per_shard=_PER_SHARD.value,
-        verify_images=_VERIFY.value)
-  elif _WDS.value:
-    tars = sorted(glob.glob(_WDS.value))
-    if not tars:
-      raise app.UsageError(f"--webdataset={_WDS.value} matches no file")
-    meta = converters.convert_webdataset(
-        tars, _OUT.value, num_workers=_WORKERS.value,
-        verify_images=_VERIFY.value)
-  else:
-    meta = converters.convert_class_folders(
-        _CLASSES.value, _OUT.value, num_workers=_WORKERS.value,
-        records_per_shard=_PER_SHARD.value, verify_images=_VERIFY.value)
-  print(f"wrote {meta['num_records']} records in {len(meta['shards'])} "
-        f"shards to {_OUT.value}; {len(meta['unicl']['table'])} distinct "
-        f"descriptions; skipped {meta['skipped']['count']}")
+  try:
+    meta = _convert()
+  except (converters.ConversionError, FileExistsError) as e:
+    sys.exit(f"make_dataset: {e}")  # a message, exit status 1
+  splits = ", ".join(f"{name} {s['num_records']} records in "
+                     f"{len(s['shards'])} shards"
+                     for name, s in meta["splits"].items())
+  print(f"wrote {splits} to {_OUT.value}; {len(meta['unicl']['table'])} "
+        f"distinct descriptions; skipped {meta['skipped']['count']}")
   for s in meta["skipped"]["records"][:20]:
     print(f"  skipped {s['id']}: {s['reason']}")
 

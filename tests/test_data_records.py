@@ -64,7 +64,8 @@ def test_captions_csv_round_trip(tmp_path):
   out = tmp_path / "ds"
   meta = converters.convert_captions(str(tmp_path / "caps.csv"), str(out),
                                      records_per_shard=3, progress=False)
-  assert len(meta["shards"]) == 3 and meta["num_records"] == 8
+  assert len(meta["splits"]["train"]["shards"]) == 3
+  assert meta["num_records"] == 8
   assert meta["class_names"] == ["bird", "cat", "dog"]
   recs = _by_id(out)
   assert sorted(recs) == sorted(images)

@@ -3,11 +3,12 @@
 An undecodable image, a missing file, an empty or non-UTF-8 text turns the
 example into a `BadRecord` marker inside the (possibly multi-process) map
 stage. `SkipBadRecordsIterDataset` drops the markers before batching, logs
-their record ids, and stamps each surviving example with how many were dropped
-just before it (`_skipped`); batching sums cannot happen across worker
-processes any other way. `SkipAccountingIterator` (main process) pops those
-counts, keeps the run's totals in its checkpointed state, exposes
-`data/skipped`, and raises `TooManyBadRecords` naming the limit.
+their record ids (once per id and process, not every epoch), and stamps each
+surviving example with how many were dropped just before it (`_skipped`);
+batching sums cannot happen across worker processes any other way.
+`SkipAccountingIterator` (main process) pops those counts, keeps the run's
+totals in its checkpointed state, exposes `data/skipped`, and raises
+`TooManyBadRecords` naming the limit.
 
 Both sides check the fraction, so a dataset of nothing but bad records ends
 with an error inside the worker instead of an endless search for a good one.
@@ -23,6 +24,9 @@ import grain
 
 SKIPPED_KEY = "_skipped"
 _log = logging.getLogger("florax.data")
+# Ids already warned about in this process: a bad record comes back every
+# epoch, and its warning would too (it is still counted every time).
+_warned_ids: set[str] = set()
 
 
 class BadRecordError(Exception):
@@ -67,8 +71,15 @@ def is_bad(element: Any) -> bool:
 def _limit_message(skipped: int, seen: int, max_fraction: float,
                    where: str) -> str:
   return (f"data: {skipped} of {seen} records were bad ({skipped / seen:.1%}) "
-          f"{where}, above data.max_skip_fraction={max_fraction}. Fix the "
-          "dataset or raise the limit (see the logged record ids).")
+          f"{where}, above data.records.max_skip_fraction={max_fraction}. Fix "
+          "the dataset or raise the limit (see the logged record ids).")
+
+
+def warn_once(record_id: str, reason: str) -> None:
+  """Logs a skipped record the first time this process meets its id."""
+  if record_id not in _warned_ids:
+    _warned_ids.add(record_id)
+    _log.warning("data: skipping bad record %s: %s", record_id, reason)
 
 
 def _over_limit(skipped: int, seen: int, max_fraction: float,
@@ -95,8 +106,7 @@ class _SkipBadIterator(grain.DatasetIterator):
         break
       dropped += 1
       self._skipped += 1
-      _log.warning("data: skipping bad record %s: %s", element["_bad_id"],
-                   element["_bad_reason"])
+      warn_once(element["_bad_id"], element["_bad_reason"])
       if _over_limit(self._skipped, self._seen, self._max_fraction,
                      self._min_seen):
         raise TooManyBadRecords(_limit_message(

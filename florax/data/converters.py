@@ -8,20 +8,31 @@ the encoded image bytes unchanged into ArrayRecord shards, one task per
 output shard, over a pool of processes, with a tqdm progress bar.
 
 Bad inputs (missing file, empty or non-UTF-8 caption, a key without image or
-text) are skipped and listed in metadata.json; with `verify_images` images PIL
-cannot parse are skipped too (otherwise they are caught at training time).
+text) are skipped and listed in metadata.json. With `verify_images` (the
+default) every image is decoded once, so truncated or corrupt files are
+skipped here rather than at every epoch of training.
+
+`holdout_fraction` sends a fixed fraction of records, chosen by a hash of the
+record id, to a `validation` split of the same directory (see `split_of`).
+The dataset is written into a `<out>.partial-<pid>` directory beside `out`
+and renamed into place only when complete: a failed or empty conversion
+leaves any previous dataset untouched. A conversion that writes no record at
+all raises `ConversionError` with the first skip reasons.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import csv
 import dataclasses
+import hashlib
 import io
 import json
 import math
 import multiprocessing
 import os
+import shutil
 import tarfile
 import time
 from typing import Any, Callable, Iterable, Sequence
@@ -32,6 +43,12 @@ from florax.data.unicl_labels import LabelTable
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif")
 _MAX_LISTED_SKIPS = 1000
+_REASONS_IN_ERROR = 5
+HOLDOUT_SPLIT = "validation"
+
+
+class ConversionError(ValueError):
+  """A conversion that cannot produce a usable dataset."""
 
 
 @dataclasses.dataclass
@@ -47,17 +64,40 @@ class Item:
 @dataclasses.dataclass
 class _Task:
   kind: str  # "files" or "tar"
-  out_path: str
+  out_dir: str
+  index: int  # shard index; shards are named <split>-<index>-of-<count>
+  count: int
   items: list[Item] | None = None
   tar_path: str | None = None
   table: dict | None = None
-  verify_images: bool = False
+  verify_images: bool = True
+  holdout_fraction: float = 0.0
+
+
+def split_of(record_id: str, holdout_fraction: float) -> str:
+  """"validation" for a fixed pseudo-random fraction of ids, else "train".
+
+  A hash of the id decides, not the position: the split does not depend on
+  worker count, shard layout or input order, and a record keeps its split
+  when a grown input is converted again.
+  """
+  if holdout_fraction <= 0:
+    return "train"
+  digest = hashlib.sha256(record_id.encode("utf-8", "surrogateescape"))
+  u = int.from_bytes(digest.digest()[:8], "big") / 2.0**64
+  return HOLDOUT_SPLIT if u < holdout_fraction else "train"
 
 
 def _verify_image(data: bytes) -> None:
+  """Decodes the image fully: `verify()` only parses headers and passes a
+  truncated JPEG, `load()` reads every byte. JPEG draft mode decodes at 1/8
+  scale, which still reads the whole entropy-coded stream (truncation and
+  corruption surface) for a fraction of the IDCT cost."""
   from PIL import Image  # pylint: disable=g-import-not-at-top
   with Image.open(io.BytesIO(data)) as img:
-    img.verify()
+    if img.format == "JPEG":
+      img.draft("RGB", (1, 1))
+    img.load()
 
 
 def _make_record(item_id: str, image: bytes, texts: Sequence[Any], label: int,
@@ -131,11 +171,24 @@ def _scan_tar_texts(tar_path: str) -> list[str]:
   return texts
 
 
-def _run_task(task: _Task) -> tuple[str, int, list[tuple[str, str]]]:
-  """Writes one shard; returns (file, count, [(id, reason) skipped])."""
+def _run_task(task: _Task
+              ) -> tuple[dict[str, tuple[str, int]], list[tuple[str, str]]]:
+  """Writes one shard per split; returns ({split: (file, count)}, skipped).
+
+  A split's shard file is opened at its first record, so no empty files.
+  """
   table = LabelTable.from_json(task.table)
   skipped = []
-  with records.ShardWriter(task.out_path) as writer:
+  writers: dict[str, records.ShardWriter] = {}
+
+  def write(record: records.Record) -> None:
+    split = split_of(record.id, task.holdout_fraction)
+    if split not in writers:
+      writers[split] = records.ShardWriter(os.path.join(
+          task.out_dir, records.shard_name(split, task.index, task.count)))
+    writers[split].write(record)
+
+  try:
     if task.kind == "files":
       for item in task.items:
         try:
@@ -145,8 +198,8 @@ def _run_task(task: _Task) -> tuple[str, int, list[tuple[str, str]]]:
           except OSError as e:
             raise bad_records.BadRecordError(
                 item.id, f"cannot read image file ({e.strerror})") from None
-          writer.write(_make_record(item.id, image, item.texts, item.label,
-                                    item.prompt, table, task.verify_images))
+          write(_make_record(item.id, image, item.texts, item.label,
+                             item.prompt, table, task.verify_images))
         except bad_records.BadRecordError as e:
           skipped.append((e.record_id, e.reason))
     else:
@@ -155,13 +208,16 @@ def _run_task(task: _Task) -> tuple[str, int, list[tuple[str, str]]]:
           images = [e for e in IMAGE_EXTENSIONS if e in members]
           if not images:
             raise bad_records.BadRecordError(item_id, "no image member")
-          writer.write(_make_record(
+          write(_make_record(
               item_id, members[images[0]], _tar_texts(item_id, members), -1,
               False, table, task.verify_images))
         except bad_records.BadRecordError as e:
           skipped.append((e.record_id, e.reason))
-    count = writer.count
-  return os.path.basename(task.out_path), count, skipped
+  finally:
+    for writer in writers.values():
+      writer.close()
+  return ({split: (os.path.basename(w.path), w.count)
+           for split, w in writers.items()}, skipped)
 
 
 def _executor(num_workers: int):
@@ -193,16 +249,32 @@ def _pool_map(fn: Callable, tasks: Sequence, pool, desc: str,
   return results
 
 
-def _finish(out_dir: str, tasks: list[_Task], results, class_names,
-            table: LabelTable, source: str, pre_skipped) -> dict:
-  skipped = list(pre_skipped)
-  shards = []
-  for file, count, skips in results:
-    shards.append({"file": file, "count": count})
+def _finish(out_dir: str, results, class_names, table: LabelTable,
+            source: str, holdout_fraction: float) -> dict:
+  """Writes metadata.json; raises ConversionError when nothing was written."""
+  skipped = []
+  splits = {"train": {"num_records": 0, "shards": []}}
+  if holdout_fraction > 0:
+    splits[HOLDOUT_SPLIT] = {"num_records": 0, "shards": []}
+  for written, skips in results:
     skipped.extend(skips)
+    for split, (file, count) in written.items():
+      splits[split]["shards"].append({"file": file, "count": count})
+      splits[split]["num_records"] += count
+  total = sum(s["num_records"] for s in splits.values())
+  if total == 0:
+    if skipped:
+      raise ConversionError(
+          f"{source}: wrote 0 records; all {len(skipped)} inputs were "
+          "skipped. First reasons:" + "".join(
+              f"\n  {i}: {r}" for i, r in skipped[:_REASONS_IN_ERROR]))
+    raise ConversionError(f"{source}: wrote 0 records; the input holds no "
+                          "examples (empty or header-only file?)")
   meta = {
-      "num_records": sum(s["count"] for s in shards),
-      "shards": shards,
+      "num_records": total,
+      "splits": splits,
+      "holdout": {"fraction": holdout_fraction, "split": HOLDOUT_SPLIT,
+                  "rule": "sha256(utf-8 id)[:8] / 2**64 < fraction"},
       "class_names": class_names,
       "unicl": table.to_json(),
       "skipped": {"count": len(skipped),
@@ -215,45 +287,95 @@ def _finish(out_dir: str, tasks: list[_Task], results, class_names,
   return meta
 
 
-def _prepare_out(out_dir: str) -> None:
-  os.makedirs(out_dir, exist_ok=True)
-  if os.path.exists(os.path.join(out_dir, records.METADATA_FILE)) or (
-      records.glob_shards(out_dir)):
-    raise FileExistsError(f"{out_dir} already holds a dataset; choose an "
-                          "empty output directory")
+def _check_holdout(holdout_fraction: float) -> None:
+  if not 0 <= holdout_fraction < 1:
+    raise ConversionError(f"holdout_fraction must be in [0, 1), got "
+                          f"{holdout_fraction}")
 
 
-def _convert_items(items: list[Item], out_dir: str, class_names, source: str,
-                   pre_skipped, num_workers: int, records_per_shard: int,
-                   verify_images: bool, progress: bool) -> dict:
-  _prepare_out(out_dir)
+@contextlib.contextmanager
+def _staged_output(out_dir: str, overwrite: bool):
+  """Yields a fresh directory beside `out_dir`; on success swaps it in.
+
+  Refuses a non-empty `out_dir` unless `overwrite`, and even then replaces
+  only a florax dataset (a directory with metadata.json), never an arbitrary
+  folder. On any error the staging directory is removed and `out_dir` is left
+  as it was.
+  """
+  out_dir = os.path.abspath(out_dir)
+  if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+    raise FileExistsError(f"{out_dir} is a file, not a directory")
+  if os.path.isdir(out_dir) and os.listdir(out_dir):
+    if not overwrite:
+      raise FileExistsError(f"{out_dir} exists and is not empty; choose "
+                            "another output directory or pass --overwrite "
+                            "to replace the dataset in it")
+    if not os.path.exists(os.path.join(out_dir, records.METADATA_FILE)):
+      raise FileExistsError(f"--overwrite replaces only a florax dataset "
+                            f"directory; {out_dir} has no "
+                            f"{records.METADATA_FILE}: remove it yourself")
+  staging = f"{out_dir}.partial-{os.getpid()}"
+  shutil.rmtree(staging, ignore_errors=True)  # left by a killed run
+  os.makedirs(staging)
+  try:
+    yield staging
+  except BaseException:
+    shutil.rmtree(staging, ignore_errors=True)
+    raise
+  # Move the old dataset aside, the new one in, then delete the old one: a
+  # crash between the renames leaves both, as <out>.old-<pid> and
+  # <out>.partial-<pid>, never half a dataset at <out>.
+  old = f"{out_dir}.old-{os.getpid()}"
+  if os.path.exists(out_dir):
+    os.rename(out_dir, old)
+  try:
+    os.rename(staging, out_dir)
+  except BaseException:
+    if os.path.exists(old):
+      os.rename(old, out_dir)
+    raise
+  shutil.rmtree(old, ignore_errors=True)
+
+
+def label_table(items: Iterable[Item]) -> LabelTable:
+  """The UniCL table of the items' usable texts (bad ones are skipped)."""
   texts = []
   for item in items:
     for t in item.texts:
       try:
         texts.append(bad_records.check_text(item.id, t))
       except bad_records.BadRecordError:
-        pass
-  table = LabelTable.build(texts)
+        pass  # its record is skipped and reported
+  return LabelTable.build(texts)
+
+
+def _convert_items(items: list[Item], out_dir: str, class_names, source: str,
+                   num_workers: int, records_per_shard: int,
+                   verify_images: bool, holdout_fraction: float,
+                   overwrite: bool, progress: bool) -> dict:
+  _check_holdout(holdout_fraction)
+  table = label_table(items)  # over every split: labels agree across them
   n_shards = max(1, math.ceil(len(items) / records_per_shard))
   if num_workers > 1 and len(items) >= 2 * num_workers:
     n_shards = max(n_shards, num_workers)
-  tasks = []
-  for s in range(n_shards):
-    # contiguous chunks keep the shard order equal to the input order
-    chunk = items[s * len(items) // n_shards:(s + 1) * len(items) // n_shards]
-    tasks.append(_Task("files", os.path.join(
-        out_dir, records.shard_name(s, n_shards)), items=chunk,
-                       table=table.to_json(), verify_images=verify_images))
-  pool = _executor(min(num_workers, n_shards))
-  try:
-    results = _pool_map(_run_task, tasks, pool, "converting",
-                        [len(t.items) for t in tasks], progress)
-  finally:
-    if pool is not None:
-      pool.shutdown()
-  return _finish(out_dir, tasks, results, class_names, table, source,
-                 pre_skipped)
+  with _staged_output(out_dir, overwrite) as staging:
+    tasks = []
+    for s in range(n_shards):
+      # contiguous chunks keep the shard order equal to the input order
+      chunk = items[s * len(items) // n_shards:
+                    (s + 1) * len(items) // n_shards]
+      tasks.append(_Task("files", staging, s, n_shards, items=chunk,
+                         table=table.to_json(), verify_images=verify_images,
+                         holdout_fraction=holdout_fraction))
+    pool = _executor(min(num_workers, n_shards))
+    try:
+      results = _pool_map(_run_task, tasks, pool, "converting",
+                          [len(t.items) for t in tasks], progress)
+    finally:
+      if pool is not None:
+        pool.shutdown()
+    return _finish(staging, results, class_names, table, source,
+                   holdout_fraction)
 
 
 def _class_index(labels: Iterable[Any]) -> tuple[dict, list[str] | None]:
@@ -343,48 +465,59 @@ def class_folder_items(root: str) -> tuple[list[Item], list[str]]:
 def convert_captions(captions_file: str, out_dir: str, *,
                      image_root: str | None = None, num_workers: int = 1,
                      records_per_shard: int = 10_000,
-                     verify_images: bool = False,
+                     verify_images: bool = True,
+                     holdout_fraction: float = 0.0, overwrite: bool = False,
                      progress: bool = True) -> dict:
-  """(a) image folder + captions file -> dataset dir; returns the metadata."""
+  """(a) image folder + captions file -> dataset dir; returns the metadata.
+
+  The keyword arguments of the three converters: num_workers (processes),
+  records_per_shard, verify_images (decode every image once, skip bad ones),
+  holdout_fraction (see `split_of`), overwrite (replace the dataset at
+  out_dir), progress (tqdm bar).
+  """
   items, class_names = caption_items(captions_file, image_root)
   return _convert_items(items, out_dir, class_names, f"captions:{captions_file}",
-                        [], num_workers, records_per_shard, verify_images,
-                        progress)
+                        num_workers, records_per_shard, verify_images,
+                        holdout_fraction, overwrite, progress)
 
 
 def convert_class_folders(root: str, out_dir: str, *, num_workers: int = 1,
                           records_per_shard: int = 10_000,
-                          verify_images: bool = False,
+                          verify_images: bool = True,
+                          holdout_fraction: float = 0.0,
+                          overwrite: bool = False,
                           progress: bool = True) -> dict:
   """(c) one subfolder per class -> dataset dir; returns the metadata."""
   items, class_names = class_folder_items(root)
   return _convert_items(items, out_dir, class_names, f"class_folders:{root}",
-                        [], num_workers, records_per_shard, verify_images,
-                        progress)
+                        num_workers, records_per_shard, verify_images,
+                        holdout_fraction, overwrite, progress)
 
 
 def convert_webdataset(tar_paths: Sequence[str], out_dir: str, *,
-                       num_workers: int = 1, verify_images: bool = False,
+                       num_workers: int = 1, verify_images: bool = True,
+                       holdout_fraction: float = 0.0, overwrite: bool = False,
                        progress: bool = True) -> dict:
-  """(b) webdataset tars (img2dataset layout) -> one shard per tar."""
+  """(b) webdataset tars (img2dataset layout) -> a shard per tar and split."""
   tar_paths = sorted(tar_paths)
   if not tar_paths:
     raise ValueError("no tar files given")
-  _prepare_out(out_dir)
+  _check_holdout(holdout_fraction)
   n = len(tar_paths)
-  pool = _executor(min(num_workers, n))  # one pool for both passes
-  try:
-    text_lists = _pool_map(_scan_tar_texts, tar_paths, pool,
-                           "scanning texts", progress=progress)
-    table = LabelTable.merge(*text_lists)
-    tasks = [_Task("tar", os.path.join(out_dir, records.shard_name(i, n)),
-                   tar_path=p, table=table.to_json(),
-                   verify_images=verify_images)
-             for i, p in enumerate(tar_paths)]
-    results = _pool_map(_run_task, tasks, pool, "converting",
-                        [len(t) for t in text_lists], progress)
-  finally:
-    if pool is not None:
-      pool.shutdown()
-  return _finish(out_dir, tasks, results, None, table,
-                 f"webdataset:{len(tar_paths)} tars", [])
+  with _staged_output(out_dir, overwrite) as staging:
+    pool = _executor(min(num_workers, n))  # one pool for both passes
+    try:
+      text_lists = _pool_map(_scan_tar_texts, tar_paths, pool,
+                             "scanning texts", progress=progress)
+      table = LabelTable.merge(*text_lists)
+      tasks = [_Task("tar", staging, i, n, tar_path=p, table=table.to_json(),
+                     verify_images=verify_images,
+                     holdout_fraction=holdout_fraction)
+               for i, p in enumerate(tar_paths)]
+      results = _pool_map(_run_task, tasks, pool, "converting",
+                          [len(t) for t in text_lists], progress)
+    finally:
+      if pool is not None:
+        pool.shutdown()
+    return _finish(staging, results, None, table,
+                   f"webdataset:{len(tar_paths)} tars", holdout_fraction)

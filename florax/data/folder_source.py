@@ -1,8 +1,9 @@
 """Reads an image folder + captions file directly, without conversion.
 
 Handy for small datasets and for checking a folder before converting it.
-Images are read lazily, so a missing or unreadable file turns into a record
-with an `error` field that the pipeline skips and counts, like any bad record.
+Images are read lazily, so a missing or unreadable file, like an empty or
+non-UTF-8 caption, turns into a record with an `error` field that the
+pipeline skips and counts, like any bad record.
 """
 
 from __future__ import annotations
@@ -11,7 +12,6 @@ from typing import Any
 
 from florax.data import bad_records
 from florax.data import converters
-from florax.data.unicl_labels import LabelTable
 
 
 class CaptionFolderSource:
@@ -25,14 +25,7 @@ class CaptionFolderSource:
   def __init__(self, captions_file: str, image_root: str | None = None):
     self._items, self.class_names = converters.caption_items(
         captions_file, image_root)
-    texts = []
-    for item in self._items:
-      for t in item.texts:
-        try:
-          texts.append(bad_records.check_text(item.id, t))
-        except bad_records.BadRecordError:
-          pass
-    self.label_table = LabelTable.build(texts)
+    self.label_table = converters.label_table(self._items)
 
   def __len__(self) -> int:
     return len(self._items)
@@ -42,9 +35,15 @@ class CaptionFolderSource:
     record = {"id": item.id, "image": None, "texts": list(item.texts),
               "label": item.label, "prompt": item.prompt, "text_labels": []}
     try:
-      record["text_labels"] = [self.label_table.label(t) for t in item.texts]
-    except KeyError:
-      pass  # a bad text: TextTransform reports it with the record id
+      # one bad text skips the record, as conversion does: else the good
+      # texts would be trained on without UniCL labels
+      record["texts"] = [bad_records.check_text(item.id, t)
+                         for t in item.texts]
+      record["text_labels"] = [self.label_table.label(t)
+                               for t in record["texts"]]
+    except bad_records.BadRecordError as e:
+      record["error"] = e.reason
+      return record
     try:
       with open(item.path, "rb") as f:
         record["image"] = f.read()

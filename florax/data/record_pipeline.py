@@ -30,6 +30,7 @@ def default_data_config() -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(dict(
       source="records",        # "records" | "captions" | "tfds"
       path="",                 # records: dataset dir; captions: CSV/JSONL
+      split="train",           # records: "train" | "validation" (holdout)
       image_root="",           # captions: folder of the image paths
       tfds=dict(name="", split="train", data_dir="", image_key="image",
                 text_key="", label_key="label", id_key=""),
@@ -72,7 +73,7 @@ def make_source(cfg: ml_collections.ConfigDict):
   """The random-access source named by `cfg.source`."""
   if cfg.source == "records":
     from florax.data.records import RecordSource  # pylint: disable=g-import-not-at-top
-    return RecordSource(cfg.path)
+    return RecordSource(cfg.path, cfg.get("split", "train"))
   if cfg.source == "captions":
     from florax.data.folder_source import CaptionFolderSource  # pylint: disable=g-import-not-at-top
     return CaptionFolderSource(cfg.path, cfg.image_root or None)

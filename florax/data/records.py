@@ -2,9 +2,16 @@
 
 A dataset directory holds
 
-  records-00000-of-00004.array_record ...   one msgpack map per record
-  metadata.json                             counts, schema version, UniCL
-                                            table, class names, skipped ids
+  train-00000-of-00004.array_record ...     one msgpack map per record
+  validation-00001-of-00004.array_record    (held-out split, if any)
+  metadata.json                             per-split counts and shards,
+                                            schema version, UniCL table
+                                            (over all splits), class names,
+                                            skipped ids
+
+metadata.json lists `splits: {name: {num_records, shards}}`; metadata written
+before splits existed (top-level `shards`, `records-*` files) reads as one
+`train` split.
 
 Record schema v1 (a msgpack map):
   v            int        schema version (1)
@@ -20,12 +27,13 @@ Record schema v1 (a msgpack map):
 from __future__ import annotations
 
 import dataclasses
-import glob
 import json
 import os
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Iterator, Mapping
 
 import msgpack
+
+from florax.data import corpus
 
 SCHEMA_VERSION = 1
 METADATA_FILE = "metadata.json"
@@ -75,8 +83,8 @@ def deserialize(data: bytes) -> dict[str, Any]:
   return obj
 
 
-def shard_name(index: int, count: int) -> str:
-  return f"records-{index:05d}-of-{count:05d}.array_record"
+def shard_name(split: str, index: int, count: int) -> str:
+  return f"{split}-{index:05d}-of-{count:05d}.array_record"
 
 
 class ShardWriter:
@@ -131,10 +139,27 @@ def read_metadata(dataset_dir: str) -> dict[str, Any]:
   return meta
 
 
-def shard_paths(dataset_dir: str) -> list[str]:
-  """The shard files listed in metadata.json, checked to exist."""
-  meta = read_metadata(dataset_dir)
-  paths = [os.path.join(dataset_dir, s["file"]) for s in meta["shards"]]
+def splits(metadata: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+  """{split: {"num_records", "shards"}}; pre-split metadata is all train."""
+  if "splits" in metadata:
+    return dict(metadata["splits"])
+  return {"train": {"num_records": metadata["num_records"],
+                    "shards": metadata["shards"]}}
+
+
+def split_names(dataset_dir: str) -> list[str]:
+  """The splits of a dataset directory, e.g. ["train", "validation"]."""
+  return list(splits(read_metadata(dataset_dir)))
+
+
+def shard_paths(dataset_dir: str, split: str = "train") -> list[str]:
+  """The shard files of `split` listed in metadata.json, checked to exist."""
+  all_splits = splits(read_metadata(dataset_dir))
+  if split not in all_splits:
+    raise ValueError(f"{dataset_dir} has no split {split!r}; it has "
+                     f"{sorted(all_splits)}")
+  paths = [os.path.join(dataset_dir, s["file"])
+           for s in all_splits[split]["shards"]]
   missing = [p for p in paths if not os.path.exists(p)]
   if missing:
     raise FileNotFoundError(f"shards listed in metadata are missing: {missing}")
@@ -144,19 +169,21 @@ def shard_paths(dataset_dir: str) -> list[str]:
 class RecordSource:
   """Random-access source over a dataset directory (Grain `RandomAccessDataSource`).
 
-  Returns record dicts (see module docstring). Picklable: Grain workers reopen
-  the ArrayRecord files lazily.
+  Returns record dicts (see module docstring) of one split. Picklable: Grain
+  workers reopen the ArrayRecord files lazily.
   """
 
-  def __init__(self, dataset_dir: str):
+  def __init__(self, dataset_dir: str, split: str = "train"):
     self.dataset_dir = dataset_dir
+    self.split = split
     self.metadata = read_metadata(dataset_dir)
-    self._paths = shard_paths(dataset_dir)
+    self._paths = shard_paths(dataset_dir, split)
     self._source = None
-    expected = sum(s["count"] for s in self.metadata["shards"])
-    if expected != self.metadata["num_records"]:
-      raise ValueError(f"{dataset_dir}: shard counts sum to {expected} but "
-                       f"num_records is {self.metadata['num_records']}")
+    info = splits(self.metadata)[split]
+    expected = sum(s["count"] for s in info["shards"])
+    if expected != info["num_records"]:
+      raise ValueError(f"{dataset_dir}: split {split!r} shard counts sum to "
+                       f"{expected} but num_records is {info['num_records']}")
     self._len = expected
 
   def _open(self):
@@ -177,21 +204,31 @@ class RecordSource:
     return deserialize(self._open()[index])
 
   def __repr__(self) -> str:
-    return f"RecordSource({self.dataset_dir!r}, n={self._len})"
+    return (f"RecordSource({self.dataset_dir!r}, split={self.split!r}, "
+            f"n={self._len})")
 
 
-def read_all(dataset_dir: str) -> list[dict[str, Any]]:
-  """Every record of a dataset, in shard order (for tests and small tools)."""
-  src = RecordSource(dataset_dir)
-  return [src[i] for i in range(len(src))]
+def _sources(dataset_dir: str, split: str | None) -> list[RecordSource]:
+  names = split_names(dataset_dir) if split is None else [split]
+  return [RecordSource(dataset_dir, name) for name in names]
 
 
-def iter_texts(dataset_dir: str) -> Iterator[str]:
-  """Every text of a dataset, streamed (for tokenizer training)."""
-  src = RecordSource(dataset_dir)
-  for i in range(len(src)):
-    yield from src[i]["texts"]
+def read_all(dataset_dir: str, split: str | None = None
+             ) -> list[dict[str, Any]]:
+  """Records of one split (None: all), in shard order (tests, small tools)."""
+  return [src[i] for src in _sources(dataset_dir, split)
+          for i in range(len(src))]
 
 
-def glob_shards(dataset_dir: str) -> Sequence[str]:
-  return sorted(glob.glob(os.path.join(dataset_dir, "records-*.array_record")))
+def iter_texts(dataset_dir: str, split: str | None = None) -> Iterator[str]:
+  """The texts training uses, streamed (for tokenizer training).
+
+  Class-name texts come template-expanded, as TextTransform feeds them to the
+  model (see `corpus.tokenizer_texts`). `split`: one split, None for all.
+  """
+  def examples():
+    for src in _sources(dataset_dir, split):
+      for i in range(len(src)):
+        r = src[i]
+        yield r["id"], r["texts"], r.get("prompt", False)
+  return corpus.tokenizer_texts(examples())

@@ -78,6 +78,15 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int,
   texts = [t for t in texts if t.strip()]
   if not texts:
     raise ValueError("cannot train a tokenizer on an empty corpus")
+  for t in texts:
+    try:
+      t.encode("utf-8")
+    except UnicodeEncodeError:
+      # SentencePiece fails on a lone surrogate with an opaque pybind error
+      raise ValueError(
+          f"tokenizer corpus text {t!r} is not valid UTF-8; build the corpus "
+          "with florax.data.corpus.training_texts, which skips such texts"
+      ) from None
   model = io.BytesIO()
   spm.SentencePieceTrainer.train(
       sentence_iterator=iter(texts), model_writer=model,
