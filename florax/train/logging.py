@@ -48,17 +48,54 @@ class MetricWriter:
       f.writelines(kept)
     os.replace(tmp, self.path)
 
-  def write(self, step: int, metrics: Mapping[str, float]):
-    if not self.enabled or not metrics:
-      return
+  def _row(self, step: int, metrics: Mapping[str, float]) -> str:
+    """The JSON line of `metrics` at `step`; also sent to TensorBoard."""
     row = {"step": int(step)}
     for k, v in metrics.items():
       v = float(v)
       row[k] = v if math.isfinite(v) else str(v)
       if self._tb is not None:
         self._tb.add_scalar(k, v, int(step))
+    return json.dumps(row) + "\n"
+
+  def write(self, step: int, metrics: Mapping[str, float]):
+    if not self.enabled or not metrics:
+      return
+    line = self._row(step, metrics)
     with open(self.path, "a") as f:
-      f.write(json.dumps(row) + "\n")
+      f.write(line)
+
+  def replace(self, step: int, metrics: Mapping[str, float]):
+    """Like `write`, but first removes these metric names at `step` from
+    the earlier rows (a row left with only its step goes), so that a
+    re-evaluation of a step replaces its values instead of adding a second
+    row. metrics.jsonl is rewritten atomically (temp file + rename).
+    TensorBoard events cannot be edited: there the new values are added."""
+    if not self.enabled or not metrics:
+      return
+    names = set(metrics)
+    kept = []
+    if os.path.exists(self.path):
+      with open(self.path) as f:
+        for line in f:
+          if not line.strip():
+            continue
+          try:
+            row = json.loads(line)
+          except ValueError:  # e.g. a line cut by a kill: left as it was
+            row = None
+          if isinstance(row, dict) and row.get("step") == int(step) and (
+              names & set(row)):
+            row = {k: v for k, v in row.items() if k not in names}
+            if set(row) == {"step"}:
+              continue
+            line = json.dumps(row) + "\n"
+          kept.append(line if line.endswith("\n") else line + "\n")
+    kept.append(self._row(step, metrics))
+    tmp = self.path + ".tmp"
+    with open(tmp, "w") as f:
+      f.writelines(kept)
+    os.replace(tmp, self.path)
 
   def flush(self):
     if self._tb is not None:
