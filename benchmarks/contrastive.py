@@ -40,15 +40,14 @@ def _setup(preset: str, image_size: int | None):
   from configs import florence  # pylint: disable=g-import-not-at-top
   from florax.parallel import mesh as mesh_lib  # pylint: disable=g-import-not-at-top
   from florax.parallel import sharding as sharding_lib  # pylint: disable=g-import-not-at-top
-  from florax.tasks import base  # pylint: disable=g-import-not-at-top
+  from florax import tasks  # pylint: disable=g-import-not-at-top
   cfg = florence.get_config(preset)
   with cfg.unlocked():
     if image_size:
       cfg.data.image_size = image_size
     cfg.contrastive.global_loss = True
-  task = base.build(cfg, tempfile.mkdtemp(prefix="florax_bench_"))
   mesh = mesh_lib.make_mesh({"data": 8, "fsdp": 1, "tensor": 1})
-  task.mesh = mesh
+  task = tasks.build(cfg, tempfile.mkdtemp(prefix="florax_bench_"), mesh=mesh)
   rules = sharding_lib.rules_from_config(cfg.sharding.rules)
   boxed = jax.eval_shape(task.init, jax.random.key(0))
   shardings = nn.unbox(sharding_lib.logical_shardings(boxed, mesh, rules))

@@ -13,12 +13,16 @@ An export directory holds:
                        a symbolic batch dimension: they run with jax alone,
                        without florax's model code;
   manifest.json        written last: format version, step, dtype, shapes,
-                       zero-shot defaults and the size and sha256 of every
-                       other file (a directory without it is incomplete).
+                       the eval-time image preprocessing, zero-shot
+                       defaults and the size and sha256 of every other file
+                       (a directory without it is incomplete).
 
-Inputs of the exported functions: images float32 (b, S, S, 3) in [-1, 1]
-(uint8 / 127.5 - 1, resized to S with bilinear filtering), token ids int32
-(b, L) from `florax.data.tokenizer` (bos, pieces, eos, pad=0).
+Inputs of the exported functions: images float32 (b, S, S, 3) transformed
+as the manifest's `preprocess` spec says (`florax.data.preprocess.apply`:
+the run's own eval transform; records: centre crop + mean/std, the digits
+demo: whole image resized to [-1, 1]), token ids int32 (b, L) from
+`florax.data.tokenizer` (bos, pieces, eos, pad=0). `florax.inference`
+applies both.
 """
 
 from __future__ import annotations
@@ -158,7 +162,8 @@ def sha256_file(path: str) -> str:
 
 
 def zeroshot_defaults(config) -> dict:
-  """Class names and "{}" templates a user gets when passing none."""
+  """Class names and "{}" templates a user gets when passing none (the
+  digits demo's; a task's own come from `task.zeroshot_defaults()`)."""
   from florax.evaluate import zeroshot  # pylint: disable=g-import-not-at-top
   if config.data.name == "digits":
     from florax.data import digits  # pylint: disable=g-import-not-at-top
@@ -171,7 +176,9 @@ def zeroshot_defaults(config) -> dict:
 def write_export(out_dir: str, config: ml_collections.ConfigDict,
                  params: Mapping[str, Any], tokenizer_proto: bytes, *,
                  step: int, dtype: str = "float32",
-                 platforms: Sequence[str] = DEFAULT_PLATFORMS) -> dict:
+                 platforms: Sequence[str] = DEFAULT_PLATFORMS,
+                 preprocess: dict | None = None,
+                 zeroshot: dict | None = None) -> dict:
   """Writes an export directory (see module docstring).
 
   Args:
@@ -182,12 +189,16 @@ def write_export(out_dir: str, config: ml_collections.ConfigDict,
     step: the checkpoint step, recorded in the manifest.
     dtype: 'float32' or 'bfloat16' storage dtype.
     platforms: `jax.export` lowering platforms.
+    preprocess: the eval-time image transform (florax.data.preprocess spec)
+      that inference must apply; default: the digits' whole-image resize.
+    zeroshot: default class names and templates; default from the config.
 
   Returns:
     The manifest.
   """
   from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
-  from florax.tasks import unicl  # pylint: disable=g-import-not-at-top
+  from florax.data import preprocess as preprocess_lib  # pylint: disable=g-import-not-at-top
+  from florax.models import two_tower  # pylint: disable=g-import-not-at-top
   if dtype not in DTYPES:
     raise ValueError(f"export dtype {dtype!r} is not one of {DTYPES}")
   if os.path.exists(out_dir) and os.listdir(out_dir):
@@ -209,7 +220,7 @@ def write_export(out_dir: str, config: ml_collections.ConfigDict,
   with open(os.path.join(out_dir, TOKENIZER_FILE), "wb") as f:
     f.write(tokenizer_proto)
 
-  model = unicl.build_model(config.model)
+  model = two_tower.from_config(config.model)
   img, txt, used = serialize_encoders(
       model, {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in
               flat.items()}, config.data.image_size, config.data.max_len,
@@ -232,9 +243,10 @@ def write_export(out_dir: str, config: ml_collections.ConfigDict,
       "embed_dim": int(config.model.embed_dim),
       "tokenizer_vocab_size": tok_lib.Tokenizer(tokenizer_proto).vocab_size,
       "export_platforms": used,
-      "image_input": "float32 (batch, S, S, 3) in [-1, 1]: uint8 / 127.5 - 1 "
-                     "after a bilinear resize to S",
-      "zeroshot": zeroshot_defaults(config),
+      "image_input": "float32 (batch, S, S, 3) after `preprocess`",
+      "preprocess": preprocess or preprocess_lib.resize_spec(
+          config.data.image_size),
+      "zeroshot": zeroshot or zeroshot_defaults(config),
       "files": files,
   }
   tmp = os.path.join(out_dir, MANIFEST + ".tmp")
@@ -261,14 +273,11 @@ def export_workdir(config: ml_collections.ConfigDict, workdir: str,
   Returns:
     The manifest.
   """
-  from florax import restore  # pylint: disable=g-import-not-at-top
-  from florax.tasks import base  # pylint: disable=g-import-not-at-top
+  from florax import restore, tasks  # pylint: disable=g-import-not-at-top
   if dtype not in DTYPES:  # fail before any restore
     raise ValueError(f"export dtype {dtype!r} is not one of {DTYPES}")
-  task = base.build(config, workdir)
-  tok_path = os.path.join(workdir, TOKENIZER_FILE)
-  if config.data.name != "digits" and config.data.records.tokenizer_path:
-    tok_path = config.data.records.tokenizer_path
+  task = tasks.build(config, workdir)
+  tok_path = task.tokenizer_path()
   if not os.path.exists(tok_path):
     raise FileNotFoundError(
         f"no tokenizer at {tok_path}: the export needs the tokenizer the "
@@ -278,4 +287,5 @@ def export_workdir(config: ml_collections.ConfigDict, workdir: str,
   params, step = restore.restore_params(workdir,
                                         restore.abstract_params(task), step)
   return write_export(out_dir, config, params, proto, step=step, dtype=dtype,
-                      platforms=platforms)
+                      platforms=platforms, preprocess=task.preprocess_spec(),
+                      zeroshot=task.zeroshot_defaults())

@@ -259,7 +259,18 @@ class Model:
     return np.concatenate(outs)
 
   def preprocess(self, images) -> np.ndarray:
-    return preprocess(images, self.image_size)
+    """The run's own eval transform (recorded in the manifest): what the
+    training-time evaluators saw, so results match them."""
+    spec = self.manifest.get("preprocess") or {}
+    if spec.get("transform", "resize") == "resize":
+      return preprocess(images, self.image_size)
+    from florax.data import preprocess as preprocess_lib  # pylint: disable=g-import-not-at-top
+    items = images if isinstance(images, (list, tuple)) else _as_image_list(
+        images)
+    if not items:
+      raise ValueError("no images given")
+    return np.stack([preprocess_lib.apply(im, spec, f"image {i}")
+                     for i, im in enumerate(items)])
 
   def encode_image(self, images) -> np.ndarray:
     """Unit-norm embeddings (n, d) of PIL images or uint8 arrays."""
@@ -296,9 +307,11 @@ class Model:
 
     Args:
       images: PIL images or uint8 arrays.
-      class_names: candidate classes; default: the export's own (digits).
-      templates: "{}" prompt templates; default: the export's (CLIP's 80
-        ImageNet templates unless the training data had its own).
+      class_names: candidate classes; default: the export's own (those of
+        the run's zero-shot evaluation: its split's class names; digits for
+        the demo).
+      templates: "{}" prompt templates; default: the export's (those that
+        evaluation ensembled; CLIP's 80 ImageNet templates if it has none).
 
     Returns:
       A ZeroShotResult.
@@ -372,8 +385,8 @@ def load(export_dir: str, *, backend: str = "native", device=None,
 
   import ml_collections  # pylint: disable=g-import-not-at-top
   from florax import export  # pylint: disable=g-import-not-at-top
-  from florax.tasks import unicl  # pylint: disable=g-import-not-at-top
-  model = unicl.build_model(ml_collections.ConfigDict(config["model"]))
+  from florax.models import two_tower  # pylint: disable=g-import-not-at-top
+  model = two_tower.from_config(ml_collections.ConfigDict(config["model"]))
   image_fn, text_fn = export.encoders(model)
   s, length = manifest["image_size"], manifest["max_len"]
   boxed = jax.eval_shape(model.init, jax.random.key(0),

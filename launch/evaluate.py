@@ -1,13 +1,14 @@
 """Evaluate a checkpoint of a training workdir with the task's evaluators.
 
-  python -m launch.evaluate --config configs/florence.py:tiny --workdir W
-  python -m launch.evaluate --config configs/florence.py:tiny --workdir W \
-      --step 200 --config.eval.linear_probe=True --config.eval.few_shot=True
+  python -m launch.evaluate --workdir W                  # the run's own config
+  python -m launch.evaluate --workdir W --step 200 \
+      --config.evals.linear_probe.enabled=True
 
 Only the params are read from the checkpoint (no optimizer state, no train
 step compiled; see florax/evaluate/checkpoint_eval.py). The metrics go to the
 same sinks as training's (metrics.jsonl, TensorBoard, the console) at the
-checkpoint's step, so a re-evaluation reproduces what training logged.
+checkpoint's step, replacing that step's earlier values of the same names,
+so a re-evaluation reproduces what training logged.
 """
 
 from __future__ import annotations
@@ -15,11 +16,14 @@ from __future__ import annotations
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "config file[:preset]",
-                                          lock_config=True)
+from launch import cli
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "config file[:preset] (default: WORKDIR/config.json)",
+    lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "training workdir")
 _STEP = flags.DEFINE_integer("step", None, "checkpoint step (default latest)")
-_WRITE = flags.DEFINE_bool("write", True, "append the metrics to the "
+_WRITE = flags.DEFINE_bool("write", True, "write the metrics to the "
                            "workdir's metrics.jsonl and TensorBoard")
 
 
@@ -37,4 +41,4 @@ def main(argv):
 
 if __name__ == "__main__":
   flags.mark_flags_as_required(["config", "workdir"])
-  app.run(main)
+  cli.run(main, workdir_config=True)

@@ -1,7 +1,7 @@
 """Export a checkpoint for inference (params, config, tokenizer, jax.export).
 
-  python -m launch.export --config configs/florence.py:tiny --workdir W \
-      --out W/export [--step N] [--dtype bfloat16]
+  python -m launch.export --workdir W --out W/export [--step N] \
+      [--dtype bfloat16]          # --config defaults to W/config.json
 
 Load the result with `florax.inference.load(OUT)`; see florax/export.py for
 the directory layout.
@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from absl import app, flags, logging
 from ml_collections import config_flags
+
+from launch import cli
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "config file[:preset]",
                                           lock_config=True)
@@ -41,4 +43,4 @@ def main(argv):
 
 if __name__ == "__main__":
   flags.mark_flags_as_required(["config", "workdir", "out"])
-  app.run(main)
+  cli.run(main, workdir_config=True)

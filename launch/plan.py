@@ -2,6 +2,7 @@
 
   python -m launch.plan --config configs/florence.py:b --devices 64 \
       --memory_gb 80 [--config.train.batch_size=4096] [--stages 0,3] [--json]
+  python -m launch.plan --workdir W --devices 64 --memory_gb 80   # W's config
 
 Compiles the real train step for the target mesh with abstract inputs
 (nothing is allocated) and reads XLA's memory and cost analyses. A mesh
@@ -49,9 +50,13 @@ import tempfile  # noqa: E402
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
+from launch import cli  # noqa: E402
+
 _CONFIG = config_flags.DEFINE_config_file("config", None,
                                           "config file[:preset]",
                                           lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "plan the config of this "
+                               "training workdir (its config.json)")
 _DEVICES = flags.DEFINE_integer("devices", None, "devices to plan for "
                                 "(emulated on the host CPU); default: all")
 _MEMORY = flags.DEFINE_float("memory_gb", None, "memory per device in GiB")
@@ -73,6 +78,7 @@ def plan_stage(config, stage: int) -> dict:
   """
   import jax
   from florax.parallel import zero
+  from florax import tasks
   from florax.train import trainer as trainer_lib
 
   cfg = config.copy_and_resolve_references()
@@ -80,7 +86,7 @@ def plan_stage(config, stage: int) -> dict:
     cfg.sharding.zero_stage = stage
   workdir = tempfile.mkdtemp(prefix="florax_plan_")
   try:
-    t = trainer_lib.Trainer(cfg, workdir)
+    t = trainer_lib.Trainer(tasks.build(cfg, workdir))
     compiled = t.compile_step()
   finally:
     shutil.rmtree(workdir, ignore_errors=True)
@@ -177,4 +183,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main, workdir_config=True)

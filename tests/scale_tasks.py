@@ -20,6 +20,8 @@ import numpy as np
 
 import helpers
 
+from florax.models import two_tower
+from florax import tasks
 from florax.data import pipeline
 from florax.models import layers
 from florax.tasks import base, unicl
@@ -63,7 +65,7 @@ class _RegressionRows(grain.transforms.Map):
     return {k: v[self.lo:self.hi] for k, v in full.items()}
 
 
-@base.register("mlp_regression")
+@tasks.register("mlp_regression")
 class RegressionTask(base.Task):
   """y = tanh(x W) + noise fitted by a 2-layer MLP with mean squared error."""
 
@@ -73,7 +75,7 @@ class RegressionTask(base.Task):
   @property
   def model(self):
     m = self.config.model
-    return _Mlp(m.hidden, m.out, unicl.DTYPES[m.dtype])
+    return _Mlp(m.hidden, m.out, two_tower.DTYPES[m.dtype])
 
   def batch_spec(self, global_batch_size):
     m = self.config.model
@@ -83,10 +85,15 @@ class RegressionTask(base.Task):
   def init(self, rng):
     return self.model.init(rng, jnp.zeros((1, self.config.model.dim)))["params"]
 
-  def loss(self, params, batch, rng):
+  def loss(self, params, batch, rng, ctx=None):
     pred = self.model.apply({"params": params}, batch["x"])
     loss = jnp.mean(jnp.square(pred - batch["y"]))
     return loss, {"mean_abs_pred": jnp.mean(jnp.abs(pred))}
+
+  def train_iterators(self, process_index, process_count):
+    return {base.DEFAULT_KIND: self.train_iterator(
+        self.config.train.batch_size // process_count, process_index,
+        process_count)}
 
   def train_iterator(self, batch_size, process_index, process_count):
     m, gb = self.config.model, self.config.train.batch_size
@@ -127,7 +134,7 @@ class _Rows(grain.transforms.Map):
     return {k: v[self.lo:self.hi] for k, v in batch.items()}
 
 
-@base.register("unicl_sliced")
+@tasks.register("unicl_sliced")
 class SlicedUniCLTask(unicl.UniCLTask):
   """UniCL whose process p reads rows [p·b, (p+1)·b) of one global stream."""
 
@@ -145,11 +152,11 @@ def run_steps(cfg, workdir, batches):
   compiled step; returns (losses, final params, trainer)."""
   from florax.parallel import sharding as sharding_lib  # pylint: disable=g-import-not-at-top
   from florax.train import trainer as trainer_lib  # pylint: disable=g-import-not-at-top
-  t = trainer_lib.Trainer(cfg, str(workdir))
+  t = trainer_lib.Trainer(tasks.build(cfg, str(workdir)))
   state = t.init_state()
   step = t.compile_step()
   losses = []
   for b in batches:
-    state, metrics = step(state, sharding_lib.global_batch(b, t.batch_sharding))
+    state, metrics = step(state, sharding_lib.global_batch(b, t.batch_sharding), {})
     losses.append(float(metrics["train/loss"]))
   return losses, jax.device_get(state["params"]), t

@@ -10,6 +10,7 @@ import time
 import pytest
 
 from configs import florence
+from florax import tasks
 from florax.train import trainer as trainer_lib
 from helpers import tiny_config
 
@@ -47,11 +48,13 @@ def test_misspelled_field_in_python():
     ({"data.train_examples": 0}, "train split is empty"),
     ({"model.image.num_heads": (3, 4)}, "not divisible by 3 heads"),
     ({"model.image.remat": "sometimes"}, "unknown remat policy"),
-    ({"train.batch_size": 12}, "divisible by the data-parallel size 8"),
+    ({"train.batch_size": 12}, "batch size 12 of kind 'train' must be "
+     "divisible by the batch's 8 data-parallel shards"),
+    ({"data.image_size": 0}, "data.image_size must be a positive integer"),
     ({"train.steps": 0}, "train.steps must be a positive integer"),
     ({"model.text.vocab_size": 50}, "tokenizer has"),
     ({"task": "mae"}, "unknown task 'mae'"),
 ])
 def test_config_errors_before_compile(tmp_path, overrides, message):
   with pytest.raises(ValueError, match=message):
-    trainer_lib.Trainer(tiny_config(**overrides), str(tmp_path))
+    trainer_lib.Trainer(tasks.build(tiny_config(**overrides), str(tmp_path)))

@@ -8,6 +8,7 @@ import json
 import jax
 import numpy as np
 
+from florax import tasks
 from florax.train import trainer as trainer_lib
 from helpers import tiny_config
 
@@ -21,13 +22,13 @@ def _losses(workdir):
 
 
 def test_grad_cache_with_zero3_remat_and_bf16(tmp_path):
-  plain = trainer_lib.Trainer(tiny_config(**COMMON), str(tmp_path / "plain"))
+  plain = trainer_lib.Trainer(tasks.build(tiny_config(**COMMON), str(tmp_path / "plain")))
   plain.train()
   composed_cfg = tiny_config(**COMMON, **{
       "mesh.axes.data": 4, "mesh.axes.fsdp": 2, "sharding.zero_stage": 3,
       "contrastive.chunk_size": 1, "model.image.remat": "full",
       "model.text.remat": "full"})
-  composed = trainer_lib.Trainer(composed_cfg, str(tmp_path / "composed"))
+  composed = trainer_lib.Trainer(tasks.build(composed_cfg, str(tmp_path / "composed")))
   composed.train()
   np.testing.assert_allclose(_losses(tmp_path / "composed"),
                              _losses(tmp_path / "plain"), rtol=1e-5)
@@ -36,11 +37,11 @@ def test_grad_cache_with_zero3_remat_and_bf16(tmp_path):
                jax.device_get(composed.state["params"]),
                jax.device_get(plain.state["params"]))
 
-  bf16 = trainer_lib.Trainer(
+  bf16 = trainer_lib.Trainer(tasks.build(
       tiny_config(**COMMON, **{"model.dtype": "bfloat16",
                                "sharding.zero_stage": 2,
                                "contrastive.chunk_size": 1}),
-      str(tmp_path / "bf16"))
+      str(tmp_path / "bf16")))
   bf16.train()
   assert bf16.state["params"]["logit_scale"].dtype == np.float32  # fp32 masters
   np.testing.assert_allclose(_losses(tmp_path / "bf16"),

@@ -11,9 +11,9 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 
 import numpy as np  # noqa: E402
 
+from florax import tasks  # noqa: E402
 from florax.data import digits  # noqa: E402
 from florax.evaluate import checkpoint_eval  # noqa: E402
-from florax.tasks import base  # noqa: E402
 from tests import trained_tiny  # noqa: E402
 
 
@@ -60,8 +60,8 @@ def test_launch_evaluate_reproduces_training_eval(tmp_path):
 
 def test_task_evaluate_matches_numpy_reference():
   wd = trained_tiny.workdir()
-  cfg = trained_tiny.config(**{"eval.retrieval": True})
-  task = base.build(cfg, wd)
+  cfg = trained_tiny.config(**{"evals.retrieval.enabled": True})
+  task = tasks.build(cfg, wd)
   step, metrics = checkpoint_eval.evaluate_workdir(cfg, wd, 2, write=False,
                                                    task=task)
   assert step == 2
@@ -70,7 +70,8 @@ def test_task_evaluate_matches_numpy_reference():
   # pessimistic ranks by a naive loop, float64.
   params, _, _, _, _ = checkpoint_eval.restore_for_eval(cfg, wd, 2, task)
   encode_image, encode_text = task.encode_fns()
-  images, labels = task.holdout
+  holdout = task.evaluators.eval_set(cfg.evals.zeroshot.data)
+  images, labels = holdout.images, holdout.labels
 
   def enc(fn, x):
     return np.concatenate([np.asarray(fn(params, _pad(x[i:i + 128])))[

@@ -15,9 +15,9 @@ import numpy as np  # noqa: E402
 import orbax.checkpoint as ocp  # noqa: E402
 from safetensors import safe_open  # noqa: E402
 
+from florax import tasks  # noqa: E402
 from florax import export, inference  # noqa: E402
 from florax.data import digits, pipeline  # noqa: E402
-from florax.tasks import base  # noqa: E402
 from tests import trained_tiny  # noqa: E402
 
 TEXTS = ["a handwritten 7.", "a photo of the digit three.", "a blurry photo "
@@ -46,7 +46,7 @@ def _reference():
 
 def _reference_embeddings(flat_params):
   """Embeddings by the training task's own jitted encoders."""
-  task = base.build(trained_tiny.config(), trained_tiny.workdir())
+  task = tasks.build(trained_tiny.config(), trained_tiny.workdir())
   encode_image, encode_text = task.encode_fns()
   params = export.unflatten_params(flat_params)
   images = pipeline.holdout_arrays(16)[0][:8]

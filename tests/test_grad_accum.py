@@ -9,6 +9,7 @@ import jax
 import numpy as np
 import pytest
 
+from florax import tasks
 from florax.train import trainer as trainer_lib
 import scale_tasks
 from helpers import tiny_config
@@ -17,7 +18,7 @@ from helpers import tiny_config
 def test_four_micro_batches_equal_the_large_batch(tmp_path):
   big = scale_tasks.regression_config(**{"train.batch_size": 64,
                                          "sharding.zero_stage": 2})
-  t = trainer_lib.Trainer(big, str(tmp_path / "d"))
+  t = trainer_lib.Trainer(tasks.build(big, str(tmp_path / "d")))
   it = t.task.train_iterator(64, 0, 1)
   batches = [next(it) for _ in range(2)]
   acc = scale_tasks.regression_config(**{"train.batch_size": 64,
@@ -31,12 +32,12 @@ def test_four_micro_batches_equal_the_large_batch(tmp_path):
                params, ref_params)
   # The first step's loss is also the plain mean over the 64 rows computed
   # in numpy-free JAX at the initial parameters (independent of the split).
-  init = trainer_lib.Trainer(big, str(tmp_path / "c")).init_state()["params"]
+  init = trainer_lib.Trainer(tasks.build(big, str(tmp_path / "c"))).init_state()["params"]
   direct, _ = t.task.loss(jax.device_get(init), batches[0], None)
   np.testing.assert_allclose(losses[0], float(direct), rtol=1e-5)
 
 
 def test_contrastive_task_refuses_accumulation(tmp_path):
   with pytest.raises(ValueError, match="grad_accum_steps"):
-    trainer_lib.Trainer(tiny_config(**{"train.grad_accum_steps": 2}),
-                        str(tmp_path))
+    trainer_lib.Trainer(tasks.build(
+        tiny_config(**{"train.grad_accum_steps": 2}), str(tmp_path)))

@@ -15,11 +15,11 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
 
+from florax import tasks  # noqa: E402
 from florax.losses import contrastive  # noqa: E402
 from florax.losses import global_contrastive as gc  # noqa: E402
 from florax.parallel import mesh as mesh_lib  # noqa: E402
 from florax.parallel import sharding as sharding_lib  # noqa: E402
-from florax.tasks import base  # noqa: E402
 from florax.train import grad_cache  # noqa: E402
 from tests.helpers import tiny_config  # noqa: E402
 
@@ -265,7 +265,7 @@ def _florence_task(tmp_path, chunk):
                        "model.text.drop_path_rate": 0.2,
                        "model.text.dropout": 0.1})
   assert cfg.model.image.drop_path_rate > 0
-  return base.build(cfg, str(tmp_path))
+  return tasks.build(cfg, str(tmp_path))
 
 
 def test_florence_task_cached_gradient_is_exact(tmp_path):
@@ -312,7 +312,7 @@ def test_florence_task_cached_gradient_is_exact(tmp_path):
 
 
 def test_florence_task_refuses_bad_chunk_before_compiling(tmp_path):
-  task = _florence_task(tmp_path, 3)  # 16 rows over 8 devices: 2 per device
+  # 16 rows over 8 devices: 2 per device; refused when the task is built.
   with pytest.raises(ValueError, match="chunk_size 3 does not divide the "
                      "per-device batch 2"):
-    task.validate()
+    _florence_task(tmp_path, 3)

@@ -29,31 +29,38 @@ def _losses(workdir):
     return [json.loads(l)["train/loss"] for l in f if "train/loss" in l]
 
 
-def test_two_processes_equal_one_process_with_four_devices(tmp_path):
+def _run_workers(single, multi, mode):
+  """One process with 4 devices in `single`, two with 2 each in `multi`;
+  returns their outputs after checking every one exited 0."""
   env = {**os.environ, "PYTHONPATH": f"{ROOT}:{os.path.join(ROOT, 'tests')}"}
   for k in ("FLORAX_COORDINATOR", "FLORAX_NUM_PROCESSES", "FLORAX_PROCESS_ID"):
     env.pop(k, None)
   port = _free_port()
-  multi, single = tmp_path / "multi", tmp_path / "single"
-  procs = [subprocess.Popen([sys.executable, WORKER, str(single), "4"],
+  procs = [subprocess.Popen([sys.executable, WORKER, str(single), "4", mode],
                             cwd=ROOT, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)]
   for i in range(2):
     procs.append(subprocess.Popen(
-        [sys.executable, WORKER, str(multi), "2"], cwd=ROOT,
+        [sys.executable, WORKER, str(multi), "2", mode], cwd=ROOT,
         env={**env, "FLORAX_COORDINATOR": f"127.0.0.1:{port}",
              "FLORAX_NUM_PROCESSES": "2", "FLORAX_PROCESS_ID": str(i)},
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
   outputs = []
   try:
     for p in procs:
-      out, _ = p.communicate(timeout=240)
+      out, _ = p.communicate(timeout=400)
       outputs.append(out)
       assert p.returncode == 0, out[-3000:]
   finally:
     for p in procs:
       if p.poll() is None:
         p.kill()
+  return outputs
+
+
+def test_two_processes_equal_one_process_with_four_devices(tmp_path):
+  multi, single = tmp_path / "multi", tmp_path / "single"
+  outputs = _run_workers(single, multi, "regression")
   assert "worker 0/1 done" in outputs[0]
   assert "worker 0/2 done" in outputs[1] and "worker 1/2 done" in outputs[2]
   # Only process 0 logged.
@@ -67,3 +74,20 @@ def test_two_processes_equal_one_process_with_four_devices(tmp_path):
   for k in a:
     np.testing.assert_allclose(b[k], a[k], rtol=1e-5, atol=1e-6)
   assert (multi / "checkpoints" / "3").is_dir()
+
+
+def test_two_processes_evaluate_like_one(tmp_path):
+  """Evaluation with two processes (each feeding its shard of the held-out
+  split over the mesh) gives the one-process metrics, and the checkpoint
+  written before the evaluation is there."""
+  multi, single = tmp_path / "multi", tmp_path / "single"
+  outputs = _run_workers(single, multi, "unicl")
+  assert "worker 0/2 done" in outputs[1] and "worker 1/2 done" in outputs[2]
+  assert "eval at step 2" in outputs[1]
+  want = json.loads((single / "final_eval.json").read_text())
+  got = json.loads((multi / "final_eval.json").read_text())
+  assert sorted(want) == ["eval/zeroshot_top1", "eval/zeroshot_top5"]
+  assert sorted(got) == sorted(want)
+  for k in want:
+    np.testing.assert_allclose(got[k], want[k], atol=1 / 359 + 1e-9)
+  assert (multi / "checkpoints" / "4").is_dir()

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from configs import florence
+from florax.models import two_tower
 from florax.models import coswin, text
-from florax.tasks import unicl
 
 
 def _count(tree):
@@ -48,9 +48,9 @@ def text_formula(cfg: text.TextConfig) -> int:
 @pytest.mark.parametrize("preset", sorted(florence._PRESETS))
 def test_preset_counts_match_closed_form(preset):
   cfg = florence.get_config(preset)
-  image_cfg = unicl.image_config(cfg.model)
+  image_cfg = two_tower.image_config(cfg.model)
   text_cfg = text.TextConfig(**dict(cfg.model.text))
-  model = unicl.build_model(cfg.model)
+  model = two_tower.from_config(cfg.model)
   s, length = cfg.data.image_size, cfg.data.max_len
   variables = jax.eval_shape(
       lambda r: model.init(r, jnp.zeros((1, s, s, 3)),
@@ -67,7 +67,7 @@ def test_preset_counts_match_closed_form(preset):
 
 def test_florence_h_matches_the_paper():
   cfg = florence.get_config("h")
-  image_cfg = unicl.image_config(cfg.model)
+  image_cfg = two_tower.image_config(cfg.model)
   text_cfg = text.TextConfig(**dict(cfg.model.text))
   last = image_cfg.embed_dim * 2 ** (len(image_cfg.depths) - 1)
   # Each tower counted with its projection into the shared space.

@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from florax import tasks
 from florax.parallel import sharding as sharding_lib
 from florax.train import precision
 from florax.train import trainer as trainer_lib
@@ -39,20 +40,20 @@ def test_scale_grows_after_interval_and_halves_on_overflow():
 def test_fp16_overflow_skips_the_update_and_training_continues(tmp_path):
   cfg = scale_tasks.regression_config(**{"model.dtype": "float16",
                                          "sharding.zero_stage": 1})
-  t = trainer_lib.Trainer(cfg, str(tmp_path))
+  t = trainer_lib.Trainer(tasks.build(cfg, str(tmp_path)))
   assert t.loss_scaling  # 'auto' turns it on for float16
   state = t.init_state()
   step = t.compile_step()
   it = t.task.train_iterator(cfg.train.batch_size, 0, 1)
   put = lambda b: sharding_lib.global_batch(b, t.batch_sharding)
 
-  state, m = step(state, put(next(it)))
+  state, m = step(state, put(next(it)), {})
   assert float(m["train/loss_scale"]) == 2.0 ** 15
   before = jax.device_get(state)
 
   bad = next(it)
   bad["x"][3, 1] = np.inf
-  state, m = step(state, put(bad))
+  state, m = step(state, put(bad), {})
   after = jax.device_get(state)
   assert not np.isfinite(float(m["train/grad_norm"]))
   jax.tree.map(np.testing.assert_array_equal, before["params"],
@@ -63,7 +64,7 @@ def test_fp16_overflow_skips_the_update_and_training_continues(tmp_path):
   assert int(after["loss_scale"]["skipped"]) == 1
   assert int(after["step"]) == 2
 
-  state, m = step(state, put(next(it)))
+  state, m = step(state, put(next(it)), {})
   final = jax.device_get(state)
   assert np.isfinite(float(m["train/loss"]))
   assert int(m["train/skipped_steps"]) == 1

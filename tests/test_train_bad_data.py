@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from florax import tasks
 from florax.data import bad_records
 from florax.train import trainer as trainer_lib
 from helpers import tiny_config
@@ -42,7 +43,7 @@ def test_trains_through_bad_records(tmp_path):
   caps = _folder(tmp_path)
   cfg = _config(caps, **{"data.records.max_skip_fraction": 0.5,
                          "data.records.min_seen_for_skip_limit": 1})
-  trainer_lib.Trainer(cfg, str(tmp_path / "w")).train()
+  trainer_lib.Trainer(tasks.build(cfg, str(tmp_path / "w"))).train()
   rows = [json.loads(l) for l in open(tmp_path / "w" / "metrics.jsonl")]
   logged = [r for r in rows if "data/skipped" in r]
   # 16 good examples fill the first batch only after reading all 19 records
@@ -57,4 +58,4 @@ def test_stops_above_the_skip_limit(tmp_path):
                          "data.records.min_seen_for_skip_limit": 1})
   with pytest.raises(bad_records.TooManyBadRecords,
                      match="max_skip_fraction=0.1"):
-    trainer_lib.Trainer(cfg, str(tmp_path / "w")).train()
+    trainer_lib.Trainer(tasks.build(cfg, str(tmp_path / "w"))).train()

@@ -12,6 +12,7 @@ import jax
 import numpy as np
 import pytest
 
+from florax import tasks
 from florax.train import trainer as trainer_lib
 from helpers import tiny_config
 
@@ -25,7 +26,7 @@ def test_smoke_and_exact_resume(tmp_path):
   assert jax.device_count() == 8
   cfg = tiny_config()
 
-  straight = trainer_lib.Trainer(cfg, str(tmp_path / "a"))
+  straight = trainer_lib.Trainer(tasks.build(cfg, str(tmp_path / "a")))
   assert straight.mesh.shape["data"] == 8
   straight.train()
   ref = jax.device_get(straight.state)
@@ -42,10 +43,10 @@ def test_smoke_and_exact_resume(tmp_path):
 
   # Interrupted after 3 steps (a checkpoint is forced there), then resumed by
   # a brand-new trainer as a re-run of the same command would.
-  first = trainer_lib.Trainer(cfg, str(tmp_path / "b"))
+  first = trainer_lib.Trainer(tasks.build(cfg, str(tmp_path / "b")))
   first.train(max_steps=3)
   assert int(jax.device_get(first.state["step"])) == 3
-  second = trainer_lib.Trainer(cfg, str(tmp_path / "b"))
+  second = trainer_lib.Trainer(tasks.build(cfg, str(tmp_path / "b")))
   second.train()
   got = jax.device_get(second.state)
   assert int(got["step"]) == 6
@@ -56,11 +57,11 @@ def test_smoke_and_exact_resume(tmp_path):
   # The saved data position belongs to batch 16: a resume at batch 32 is
   # refused before anything is restored or compiled.
   with pytest.raises(ValueError, match="data layout"):
-    trainer_lib.Trainer(tiny_config(**{"train.batch_size": 32,
-                                       "train.steps": 8}),
-                        str(tmp_path / "b")).train()
+    trainer_lib.Trainer(tasks.build(
+        tiny_config(**{"train.batch_size": 32, "train.steps": 8}),
+        str(tmp_path / "b"))).train()
   # And the params moved: the test would pass trivially otherwise.
-  init = jax.device_get(trainer_lib.Trainer(cfg, str(tmp_path / "c"))
+  init = jax.device_get(trainer_lib.Trainer(tasks.build(cfg, str(tmp_path / "c")))
                         .init_state()["params"])
   moved = jax.tree.leaves(jax.tree.map(lambda a, b: np.abs(a - b).max(),
                                        init, ref["params"]))
@@ -68,8 +69,8 @@ def test_smoke_and_exact_resume(tmp_path):
 
 
 def test_refuses_workdir_of_a_different_model(tmp_path):
-  trainer_lib.Trainer(tiny_config(), str(tmp_path))
+  trainer_lib.Trainer(tasks.build(tiny_config(), str(tmp_path)))
   other = tiny_config(**{"model.image.embed_dim": 48,
                          "model.image.num_heads": (3, 6)})
   with pytest.raises(ValueError, match="different model"):
-    trainer_lib.Trainer(other, str(tmp_path))
+    trainer_lib.Trainer(tasks.build(other, str(tmp_path)))

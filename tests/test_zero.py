@@ -20,10 +20,11 @@ import optax
 import pytest
 
 from configs import florence
+from florax.models import two_tower
+from florax import tasks
 from florax.parallel import mesh as mesh_lib
 from florax.parallel import sharding as sharding_lib
 from florax.parallel import zero
-from florax.tasks import unicl
 from florax.train import optimizer as opt_lib
 from florax.train import trainer as trainer_lib
 import scale_tasks
@@ -31,7 +32,7 @@ import scale_tasks
 
 def test_state_bytes_per_stage_match_the_zero_paper():
   cfg = florence.get_config("b")
-  model = unicl.build_model(cfg.model)
+  model = two_tower.from_config(cfg.model)
   s, length = cfg.data.image_size, cfg.data.max_len
   boxed = jax.eval_shape(
       lambda r: model.init(r, jnp.zeros((1, s, s, 3)),
@@ -64,7 +65,7 @@ def test_state_bytes_per_stage_match_the_zero_paper():
 
 def _reference(cfg, batches, tmp):
   """3 steps without mesh or sharding: value_and_grad + optax on device 0."""
-  t = trainer_lib.Trainer(cfg, str(tmp))
+  t = trainer_lib.Trainer(tasks.build(cfg, str(tmp)))
   task = t.task
   with jax.default_device(jax.devices()[0]):
     params = nn.unbox(task.init(t.init_rng))
@@ -94,7 +95,7 @@ def test_stages_and_meshes_match_an_unsharded_loop(tmp_path):
   # A 2-layer MLP whose kernels carry embed/mlp/vocab names: compiling the
   # Florence step 8 times would not fit the suite's time budget.
   cfg = scale_tasks.regression_config(**{"optimizer.clip_norm": 1.0})
-  t = trainer_lib.Trainer(cfg, str(tmp_path / "data"))
+  t = trainer_lib.Trainer(tasks.build(cfg, str(tmp_path / "data")))
   it = t.task.train_iterator(cfg.train.batch_size, 0, 1)
   batches = [next(it) for _ in range(3)]
   ref_losses, ref_params = _reference(cfg, batches, tmp_path / "ref")

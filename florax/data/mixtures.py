@@ -3,6 +3,8 @@
 Round-robin (FLAVA §4): every step draws one dataset with probability equal
 to its weight and yields one whole batch of it, as `{name: batch}`; the draw is
 a function of (seed, step), so the choice sequence replays after a restore.
+The trainer draws its batch kind per step with the same function
+(`round_robin_choices`), so a task's kinds are mixed exactly like datasets.
 
 Fixed composition (BEiT-3 §3): every step yields one batch from every dataset,
 `{name: batch, ...}` (e.g. n images + n texts + n pairs).
@@ -29,6 +31,39 @@ def _child_metrics(iterators: Mapping[str, grain.DatasetIterator]) -> dict:
   return out
 
 
+def _uniform(seed: int, steps: np.ndarray) -> np.ndarray:
+  """A uniform [0, 1) draw per step, a pure function of (seed, step).
+
+  SplitMix64 of a (seed, step) counter: vectorised, so counting the kinds of
+  a million past steps on resume takes milliseconds.
+  """
+  with np.errstate(over="ignore"):
+    z = (np.asarray(steps, np.uint64) + np.uint64(seed & (2**32 - 1)) *
+         np.uint64(0x9E3779B97F4A7C15) + np.uint64(0x632BE59BD9B4E019))
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    z = z ^ (z >> np.uint64(31))
+  return (z >> np.uint64(11)).astype(np.float64) / float(2**53)
+
+
+def round_robin_choices(weights: Mapping[str, float], seed: int,
+                        steps) -> np.ndarray:
+  """Index into `list(weights)` drawn at each of `steps` (by weight).
+
+  Args:
+    weights: name -> sampling weight (>= 0, positive sum; normalised here).
+    seed: seed of the choice sequence.
+    steps: int or array of step numbers.
+  """
+  w = np.asarray(list(weights.values()), np.float64)
+  if (w < 0).any() or w.sum() <= 0:
+    raise ValueError(f"mixture weights must be >= 0 with a positive sum, "
+                     f"got {dict(weights)}")
+  cdf = np.cumsum(w / w.sum())
+  k = np.searchsorted(cdf, _uniform(seed, np.atleast_1d(steps)), side="right")
+  return np.minimum(k, len(w) - 1)
+
+
 class RoundRobinMixture(grain.DatasetIterator):
   """Each step: one dataset chosen by weight, its next batch as {name: batch}.
 
@@ -43,22 +78,18 @@ class RoundRobinMixture(grain.DatasetIterator):
     if set(iterators) != set(weights):
       raise ValueError(f"mixture datasets {sorted(iterators)} and weights "
                        f"{sorted(weights)} differ")
-    w = np.asarray([weights[n] for n in iterators], np.float64)
-    if (w < 0).any() or w.sum() <= 0:
-      raise ValueError(f"mixture weights must be >= 0 with a positive sum, "
-                       f"got {dict(weights)}")
     super().__init__(list(iterators.values()))
     self._names = list(iterators)
     self._iters = dict(iterators)
-    self._cdf = np.cumsum(w / w.sum())
+    self._weights = {n: weights[n] for n in self._names}
+    round_robin_choices(self._weights, 0, 0)  # checks the weights
     self._seed = int(seed)
     self._step = 0
 
   def choice(self, step: int) -> str:
     """The dataset drawn at `step` (pure function of seed and step)."""
-    u = np.random.default_rng([self._seed, step]).random()
-    k = int(np.searchsorted(self._cdf, u, side="right"))
-    return self._names[min(k, len(self._names) - 1)]
+    return self._names[int(round_robin_choices(self._weights, self._seed,
+                                               step)[0])]
 
   def __next__(self):
     name = self.choice(self._step)

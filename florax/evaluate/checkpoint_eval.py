@@ -11,7 +11,7 @@ from __future__ import annotations
 import flax.linen as nn
 import jax
 
-from florax import config_checks, restore
+from florax import restore, tasks
 from florax.parallel import mesh as mesh_lib
 from florax.parallel import sharding as sharding_lib
 from florax.tasks import base
@@ -25,12 +25,9 @@ def restore_for_eval(config, workdir: str, step: int | None = None,
   Returns:
     (params on the training mesh, step, task, mesh, logical rules).
   """
-  config_checks.check_config(config)
   if task is None:
-    task = base.build(config, workdir)
-    task.validate()
-  mesh = mesh_lib.make_mesh(dict(config.mesh.axes))
-  rules = sharding_lib.rules_from_config(config.sharding.rules)
+    task = tasks.build(config, workdir)
+  mesh, rules = task.mesh, task.rules
   boxed = jax.eval_shape(task.init, jax.random.key(0))
   shardings = nn.unbox(sharding_lib.logical_shardings(boxed, mesh, rules))
   params, step = restore.restore_params(workdir, nn.unbox(boxed), step,
@@ -47,8 +44,9 @@ def evaluate_workdir(config, workdir: str, step: int | None = None,
     config: the config the workdir was trained with (eval fields may differ).
     workdir: the training workdir.
     step: checkpoint step; None takes the latest.
-    write: append the metrics to the workdir's sinks (metrics.jsonl,
-      TensorBoard) at the checkpoint's step.
+    write: write the metrics to the workdir's sinks (metrics.jsonl,
+      TensorBoard) at the checkpoint's step, replacing in metrics.jsonl the
+      values an earlier evaluation of that step logged.
     task: an already built task to reuse (its compiled encoders).
 
   Returns:
@@ -60,7 +58,7 @@ def evaluate_workdir(config, workdir: str, step: int | None = None,
     metrics = {k: float(v) for k, v in task.evaluate(params).items()}
   if write:
     writer = log_lib.MetricWriter(workdir)
-    writer.write(step, metrics)
+    writer.replace(step, metrics)
     writer.flush()
     writer.close()
   return step, metrics

@@ -245,3 +245,29 @@ class CoSwin(nn.Module):
     x = layers.layer_norm(name="norm")(x)
     pooled = jnp.mean(x, axis=(1, 2))
     return pooled, {"stage_features": features}
+
+
+def resize_relative_position_bias(table, window_size: int):
+  """A ((2w-1)^2, heads) bias table (any leading axes, e.g. scan's layers)
+  resized to `window_size` by bicubic interpolation of its (2w-1)x(2w-1)
+  offset grid, head by head: how Swin/timm carry a table to a new window
+  when fine-tuning at another resolution. The grid's extent maps onto the
+  new one (half-pixel centres), so the bias learned for offset d applies at
+  d * (2w'-1)/(2w-1): at a higher resolution the same image content spans
+  proportionally more tokens.
+
+  The table is indexed row-major by (dy, dx) + w - 1
+  (`windows.relative_position_index`), which is why it reshapes to a grid.
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  *lead, length, heads = table.shape
+  side = int(round(length ** 0.5))
+  if side * side != length or side % 2 == 0:
+    raise ValueError(f"a relative position bias table has (2w-1)^2 rows, got "
+                     f"{length}")
+  new_side = 2 * window_size - 1
+  grid = jnp.asarray(table).reshape(*lead, side, side, heads)
+  # Only the two grid axes change size, so jax.image.resize interpolates
+  # along them alone: heads (and layers) are never mixed.
+  out = jax.image.resize(grid, (*lead, new_side, new_side, heads), "bicubic")
+  return out.reshape(*lead, new_side * new_side, heads)

@@ -10,7 +10,31 @@ import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
 
-from florax.models import layers
+from florax.models import coswin, layers, text
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16,
+          "float16": jnp.float16}
+
+
+def image_config(model_cfg) -> coswin.CoSwinConfig:
+  """`config.model.image` as a CoSwinConfig (config lists become tuples)."""
+  return coswin.CoSwinConfig(**{
+      k: tuple(v) if isinstance(v, (list, tuple)) else v
+      for k, v in model_cfg.image.items()})
+
+
+def from_config(model_cfg) -> "TwoTower":
+  """The CoSwin + text-transformer two-tower described by `config.model`."""
+  if model_cfg.dtype not in DTYPES:
+    raise ValueError(f"model.dtype {model_cfg.dtype!r} is not one of "
+                     f"{sorted(DTYPES)}")
+  dtype = DTYPES[model_cfg.dtype]
+  return TwoTower(
+      image_encoder=coswin.CoSwin(image_config(model_cfg), dtype=dtype),
+      text_encoder=text.TextTransformer(text.TextConfig(**dict(model_cfg.text)),
+                                        dtype=dtype),
+      embed_dim=model_cfg.embed_dim,
+      init_temperature=model_cfg.init_temperature)
 
 
 class TwoTower(nn.Module):

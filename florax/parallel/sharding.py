@@ -12,6 +12,8 @@ import flax.linen as nn
 import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+import numpy as np
+
 from florax.parallel.mesh import data_axes
 
 
@@ -34,9 +36,28 @@ def logical_shardings(abstract_boxed: Any, mesh: Mesh, rules) -> Any:
   return nn.logical_to_mesh_sharding(specs, mesh, rules)
 
 
-def batch_sharding(mesh: Mesh) -> NamedSharding:
-  """Leading (batch) dimension split over every data-parallel axis present."""
-  return NamedSharding(mesh, P(data_axes(mesh)))
+def batch_axes(mesh: Mesh, rules=None) -> tuple[str, ...]:
+  """The mesh axes the batch dimension is split over: the `batch` rule of
+  the config's logical-axis table (axes absent from the mesh dropped).
+  Without rules, the default data-parallel axes present in the mesh."""
+  if rules is None:
+    return data_axes(mesh)
+  for name, axes in rules:
+    if name == "batch":
+      axes = () if axes is None else (
+          (axes,) if isinstance(axes, str) else tuple(axes))
+      return tuple(a for a in axes if a in mesh.shape)
+  return ()
+
+
+def batch_size_divisor(mesh: Mesh, rules=None) -> int:
+  """How many shards the batch is split into."""
+  return int(np.prod([mesh.shape[a] for a in batch_axes(mesh, rules)] or [1]))
+
+
+def batch_sharding(mesh: Mesh, rules=None) -> NamedSharding:
+  """Leading (batch) dimension split over `batch_axes(mesh, rules)`."""
+  return NamedSharding(mesh, P(batch_axes(mesh, rules)))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

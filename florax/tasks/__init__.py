@@ -1,2 +1,3 @@
-"""Built-in tasks register themselves on import."""
-from florax.tasks import unicl  # noqa: F401
+"""Tasks: one per objective family. Built-in tasks register on import."""
+from florax.tasks.registry import build, register  # noqa: F401
+from florax.tasks import unicl  # noqa: F401,E402

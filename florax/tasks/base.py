@@ -1,24 +1,49 @@
 """The task interface: the unit a model family adds to florax.
 
-A task owns everything that is specific to an objective: its model, its data
-stream, its loss and its evaluators. The trainer (`florax.train`) only sees
+A task owns everything that is specific to an objective: its model, its
+frozen networks (a teacher, a visual tokenizer), its batch kinds and data
+streams, its loss and its evaluators. The trainer (`florax.train`) only sees
 this interface, so contrastive two-tower training (Florence, EVA-CLIP),
-masked data modeling (BEiT-3), masked feature regression (EVA) and
-multi-objective multi-dataset training (FLAVA) all share one loop.
+masked data modeling with a frozen tokenizer (BEiT-3), masked feature
+regression against a frozen teacher (EVA) and several objectives over
+several datasets in one run (FLAVA) all share one loop.
+
+A task is built by `florax.tasks.build` (from `launch/`) with the mesh and
+logical-axis rules it will run under, and handed to the trainer.
 """
 
 from __future__ import annotations
 
 import abc
-from typing import Any, Callable, Mapping
+import dataclasses
+from typing import Any, Mapping
 
 import grain
 import jax
 import ml_collections
 
 Params = Any
-Batch = Mapping[str, jax.Array]
+Batch = Any  # a pytree (nested dicts allowed) of arrays, batch-major
 Metrics = dict[str, jax.Array]
+
+#: The kind name of a task with a single stream of batches.
+DEFAULT_KIND = "train"
+
+
+@dataclasses.dataclass(frozen=True)
+class StepContext:
+  """What a loss may depend on besides params, batch and rng.
+
+  Attributes:
+    step: the global step (a traced int32 scalar): schedules of mask ratios
+      or loss weights.
+    frozen: the task's frozen variables (teacher, visual tokenizer), placed
+      like params but never trained; None when the task has none.
+    kind: the batch kind of this step (static: one compiled step per kind).
+  """
+  step: Any
+  frozen: Any = None
+  kind: str = DEFAULT_KIND
 
 
 class Task(abc.ABC):
@@ -29,91 +54,126 @@ class Task(abc.ABC):
   #: False for losses that are not a mean over examples (contrastive): the
   #: trainer then refuses gradient accumulation over micro-batches.
   supports_grad_accumulation: bool = True
-  #: The device mesh, set by the trainer before anything is traced, for
-  #: tasks with explicit collectives (shard_map).
-  mesh: jax.sharding.Mesh | None = None
 
-  def __init__(self, config: ml_collections.ConfigDict, workdir: str):
+  def __init__(self, config: ml_collections.ConfigDict, workdir: str,
+               mesh: jax.sharding.Mesh, rules: tuple):
     self.config = config
     self.workdir = workdir
+    #: The device mesh and logical-axis rules the task runs under (for
+    #: explicit collectives and for placing evaluation inputs).
+    self.mesh = mesh
+    self.rules = rules
+
+  # -- config ---------------------------------------------------------------
 
   @abc.abstractmethod
   def validate(self) -> None:
     """Raises ValueError naming any config problem; runs before compiling."""
 
+  # -- variables ------------------------------------------------------------
+
   @abc.abstractmethod
   def init(self, rng: jax.Array) -> Params:
-    """Model variables with logical-axis boxes (nn.LogicallyPartitioned).
+    """Trainable variables with logical-axis boxes (nn.LogicallyPartitioned).
 
     The trainer calls it under `jax.eval_shape` to learn shapes and logical
     axes, then under `jit` with the target shardings to materialise them.
     """
 
-  @abc.abstractmethod
-  def batch_spec(self, global_batch_size: int) -> dict[str, jax.ShapeDtypeStruct]:
-    """Shapes/dtypes of one global training batch (for compiling and plans).
+  def frozen_spec(self) -> Any:
+    """Abstract frozen variables with logical-axis boxes, or None.
 
-    Every leaf's leading dimension is the batch, sharded over data axes.
+    Frozen variables (a teacher network, a visual tokenizer, a frozen tower)
+    are inputs of every step, sharded by the same logical rules as params,
+    but never reach the optimizer, the gradients or the loss scaling, and
+    are not written into checkpoints: `load_frozen` recreates them.
+    """
+    return None
+
+  def load_frozen(self, shardings: Any) -> Any:
+    """The frozen variables, placed on `shardings` (a tree like
+    `frozen_spec()`'s). Called once per run, before the first step."""
+    raise NotImplementedError(
+        f"{type(self).__name__} declares frozen variables but no load_frozen")
+
+  def frozen_source(self) -> str:
+    """Where the frozen variables come from (a path, a step, a seed); it is
+    recorded in the workdir with their checksum."""
+    return ""
+
+  # -- data -----------------------------------------------------------------
+
+  def batch_kinds(self) -> dict[str, Any]:
+    """{kind: pytree of global jax.ShapeDtypeStruct} of one batch per kind.
+
+    Every leaf's leading dimension is that kind's global batch. The trainer
+    compiles one step per kind. A task with one stream keeps the default:
+    `{DEFAULT_KIND: batch_spec(train.batch_size)}`.
+    """
+    return {DEFAULT_KIND: self.batch_spec(self.config.train.batch_size)}
+
+  def batch_spec(self, global_batch_size: int) -> Any:
+    """The batch of a single-kind task (see `batch_kinds`)."""
+    raise NotImplementedError
+
+  def kind_weights(self) -> dict[str, float]:
+    """Sampling weight of each kind (FLAVA's round-robin): each step draws
+    one kind, a pure function of (seed, step) so resumes replay it. Default:
+    `config.train.mixture` if the config has one, else equal weights."""
+    kinds = list(self.batch_kinds())
+    mixture = self.config.train.get("mixture")
+    if mixture:  # unknown names stay in, for the trainer to refuse
+      return {**{k: 0.0 for k in kinds},
+              **{k: float(v) for k, v in mixture.items()}}
+    return {k: 1.0 for k in kinds}
+
+  @abc.abstractmethod
+  def train_iterators(self, process_index: int, process_count: int
+                      ) -> Mapping[str, grain.DatasetIterator]:
+    """{kind: this process's iterator of per-process batches (numpy trees)}.
+
+    Each must have `get_state()`/`set_state()` (saved with every
+    checkpoint); if it has `metrics()`, those are logged with the training
+    metrics (e.g. `data/skipped`).
     """
 
+  # -- objective ------------------------------------------------------------
+
   @abc.abstractmethod
-  def loss(self, params: Params, batch: Batch, rng: jax.Array
-           ) -> tuple[jax.Array, Metrics]:
-    """Scalar training loss and metrics for one batch (train mode)."""
+  def loss(self, params: Params, batch: Batch, rng: jax.Array,
+           ctx: StepContext) -> tuple[jax.Array, Metrics]:
+    """Scalar training loss and metrics for one batch of kind `ctx.kind`."""
 
   def value_and_grad(self, params: Params, batch: Batch, rng: jax.Array,
-                     loss_scale: jax.Array | None = None
+                     ctx: StepContext, loss_scale: jax.Array | None = None
                      ) -> tuple[tuple[jax.Array, Metrics], Params]:
-    """Loss, metrics and gradient. Tasks may override this with a cheaper or
-    memory-lighter exact equivalent (e.g. a gradient cache).
+    """Loss, metrics and gradient w.r.t. params. Tasks may override this
+    with a cheaper or memory-lighter exact equivalent (a gradient cache).
 
     Args:
       loss_scale: fp16 dynamic loss scaling: when given, the gradient is that
         of `loss * loss_scale` (the returned loss stays unscaled).
     """
     if loss_scale is None:
-      return jax.value_and_grad(self.loss, has_aux=True)(params, batch, rng)
+      return jax.value_and_grad(self.loss, has_aux=True)(params, batch, rng,
+                                                         ctx)
 
     def scaled(p, b, r):
-      loss, metrics = self.loss(p, b, r)
+      loss, metrics = self.loss(p, b, r, ctx)
       return loss.astype(jax.numpy.float32) * loss_scale, (loss, metrics)
     (_, aux), grads = jax.value_and_grad(scaled, has_aux=True)(params, batch,
                                                                rng)
     return aux, grads
 
-  @abc.abstractmethod
-  def train_iterator(self, batch_size: int, process_index: int,
-                     process_count: int) -> grain.DatasetIterator:
-    """This process's iterator of per-process batches (numpy dicts).
+  # -- evaluation and export ------------------------------------------------
 
-    It must have `get_state()`/`set_state()` (saved with every checkpoint);
-    if it has `metrics()`, those are logged with the training metrics
-    (e.g. `data/skipped`).
-    """
-
-  def evaluate(self, params: Params) -> dict[str, float]:
-    """Evaluation metrics named 'eval/...'; called every eval_every steps."""
+  def evaluate(self, params: Params, frozen: Any = None,
+               step: int | None = None) -> dict[str, float]:
+    """Evaluation metrics named 'eval/...' of the evaluators due at `step`
+    (all of them when None: the final step, launch.evaluate). Called by
+    every process; inputs are fed over the mesh and results are global."""
     return {}
 
   def flops_per_example(self) -> float | None:
     """Analytic training FLOPs per example, if the task knows them."""
     return None
-
-
-_REGISTRY: dict[str, Callable[..., Task]] = {}
-
-
-def register(name: str):
-  def wrap(cls):
-    _REGISTRY[name] = cls
-    return cls
-  return wrap
-
-
-def build(config: ml_collections.ConfigDict, workdir: str) -> Task:
-  """Instantiates `config.task` from the registry."""
-  from florax import tasks as _  # noqa: F401  (registers the built-in tasks)
-  if config.task not in _REGISTRY:
-    raise ValueError(f"unknown task {config.task!r}; registered tasks: "
-                     f"{sorted(_REGISTRY)}")
-  return _REGISTRY[config.task](config, workdir)

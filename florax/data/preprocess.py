@@ -1,0 +1,58 @@
+"""The eval-time image preprocessing of a run, as data.
+
+Training-time evaluation and `florax.inference` must see the same pixels,
+so the transform is described by a small dict that the export manifest
+carries and both sides apply with `apply`:
+
+  {"transform": "center_crop", "size": S, "crop_fraction": f,
+   "mean": [...], "std": [...]}    the records pipeline's eval transform
+  {"transform": "resize", "size": S, "mean": [.5]*3, "std": [.5]*3}
+                                   whole image, bilinear (the digits demo)
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from florax.data import transforms
+
+
+def center_crop_spec(size: int, crop_fraction: float, mean, std) -> dict:
+  return {"transform": "center_crop", "size": int(size),
+          "crop_fraction": float(crop_fraction),
+          "mean": [float(m) for m in mean], "std": [float(s) for s in std]}
+
+
+def resize_spec(size: int) -> dict:
+  return {"transform": "resize", "size": int(size), "mean": [0.5] * 3,
+          "std": [0.5] * 3}
+
+
+def _normalise(pixels: np.ndarray, spec: dict) -> np.ndarray:
+  x = pixels.astype(np.float32) * np.float32(1 / 255)
+  mean = np.asarray(spec["mean"], np.float32)
+  inv_std = 1 / np.asarray(spec["std"], np.float32)
+  return np.ascontiguousarray((x - mean) * inv_std, dtype=np.float32)
+
+
+def apply(image: Any, spec: dict, record_id: str = "image") -> np.ndarray:
+  """One image (PIL, uint8 array, or encoded bytes) -> float32 (S, S, 3)."""
+  if isinstance(image, np.ndarray):
+    if image.dtype != np.uint8:
+      raise ValueError(f"{record_id}: image arrays must be uint8, got "
+                       f"{image.dtype}")
+    image = Image.fromarray(image)
+  elif not isinstance(image, Image.Image):
+    image = transforms.open_image(record_id, image)
+  size = spec["size"]
+  if spec["transform"] == "center_crop":
+    # The very code path of transforms.ImageTransform(train=False).
+    box = transforms.center_crop_box(*image.size, spec["crop_fraction"])
+    return _normalise(transforms.decode_crop_resize(image, box, size), spec)
+  if spec["transform"] == "resize":
+    img = image.convert("RGB").resize((size, size), Image.BILINEAR)
+    return _normalise(np.asarray(img, np.uint8), spec)
+  raise ValueError(f"unknown preprocessing transform {spec['transform']!r}")
