@@ -139,7 +139,9 @@ def _preset_config(arg: str) -> ml_collections.ConfigDict:
     c.model.text.vocab_size = 160
   c.data.random_shift = 0
   c.data.train_examples = -1  # -1: the whole train split
-  c.data.records = record_pipeline.default_data_config()
+  # Image size, text length, batch and seed come from data.image_size,
+  # data.max_len, train.batch_size and seed.
+  c.data.records = record_pipeline.user_data_config()
 
   c.train.batch_size = 24576 if name == "h" else 128
   c.train.steps = 1_000_000 if name == "h" else 300

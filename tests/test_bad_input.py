@@ -58,3 +58,16 @@ def test_misspelled_field_in_python():
 def test_config_errors_before_compile(tmp_path, overrides, message):
   with pytest.raises(ValueError, match=message):
     trainer_lib.Trainer(tasks.build(tiny_config(**overrides), str(tmp_path)))
+
+
+def test_resume_with_another_tokenizer_is_refused(tmp_path):
+  """A tokenizer dropped into the workdir later (e.g. by a failed run of
+  something else) would silently change what every token id means."""
+  from florax.data import digits, tokenizer as tok_lib  # pylint: disable=g-import-not-at-top
+  workdir = str(tmp_path / "w")
+  tasks.build(tiny_config(), workdir).record_tokenizer()  # the first run
+  other = tok_lib.train_tokenizer(digits.all_descriptions()[::2], 120)
+  with open(os.path.join(workdir, "tokenizer.model"), "wb") as f:
+    f.write(other.model_proto)
+  with pytest.raises(ValueError, match="trained with another tokenizer"):
+    tasks.build(tiny_config(), workdir).record_tokenizer()

@@ -126,3 +126,19 @@ def test_init_from_another_run_with_a_prefix_map(straight, tmp_path, capsys):
   assert all(not np.any(np.asarray(x)) for x in mu if np.ndim(x) == 2)
   out = capsys.readouterr().out
   assert "loaded 2 params, skipped 0, freshly initialised 2" in out
+
+
+def test_a_finished_run_says_so_without_compiling(straight, capsys):
+  workdir, _, _ = straight
+  again, compiles = _train(workdir)
+  assert compiles == []
+  assert f"{workdir} already finished at step 8 (train.steps=8)" in (
+      capsys.readouterr().out)
+  assert [r["step"] for r in _rows(workdir)] == list(range(1, 9))
+
+
+def test_no_evaluators_is_said_once(tmp_path, capsys):
+  _train(tmp_path, **{"train.eval_every": 2, "train.steps": 6})
+  out = capsys.readouterr().out
+  assert out.count("no evaluators are configured") == 1
+  assert "eval at step" not in out

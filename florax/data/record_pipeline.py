@@ -69,6 +69,20 @@ def default_data_config() -> ml_collections.ConfigDict:
   ))
 
 
+# Fields a task fills in from its own config (image size, text length, batch,
+# seed, source): a family config leaves them out of its `data.records`, so
+# no field is silently ignored.
+TASK_OWNED_FIELDS = ("source", "image_size", "max_text_len", "batch_size",
+                     "seed")
+
+
+def user_data_config() -> ml_collections.ConfigDict:
+  """`default_data_config()` without the task-owned fields."""
+  fields = default_data_config().to_dict()
+  return ml_collections.ConfigDict({k: v for k, v in fields.items()
+                                    if k not in TASK_OWNED_FIELDS})
+
+
 def make_source(cfg: ml_collections.ConfigDict):
   """The random-access source named by `cfg.source`."""
   if cfg.source == "records":

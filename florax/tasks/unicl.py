@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from florax import export
 from florax.data import corpus
 from florax.data import digits
 from florax.data import pipeline
@@ -148,7 +149,7 @@ class UniCLTask(base.Task):
     self.tokenizer  # trains it into the workdir if needed
     run_record.record_or_check(
         self.workdir, "tokenizer.json",
-        {"sha256": run_record.sha256_file(path)},
+        {"sha256": export.sha256_file(path)},
         "tokenizer", "Train with the tokenizer this workdir was trained with "
         "(data.records.tokenizer_path), or use a new --workdir.")
 
@@ -336,18 +337,15 @@ class UniCLTask(base.Task):
     one batch: the computation `florax.export` serializes and the
     embedders below feed over the mesh."""
     if "encode_fns" not in self._embedders:
-      from florax import export  # pylint: disable=g-import-not-at-top
       self._embedders["encode_fns"] = tuple(
           jax.jit(fn) for fn in export.encoders(self.model))
     return self._embedders["encode_fns"]
 
   def image_embedder(self) -> mesh_map.MeshMap:
     """(params, images) -> L2-normalised image embeddings, fed over the mesh."""
-    from florax import export  # pylint: disable=g-import-not-at-top
     return self._embedder("image", export.encoders(self.model)[0])
 
   def text_embedder(self) -> mesh_map.MeshMap:
-    from florax import export  # pylint: disable=g-import-not-at-top
     return self._embedder("text", export.encoders(self.model)[1])
 
   def feature_extractor(self) -> mesh_map.MeshMap:
@@ -366,7 +364,6 @@ class UniCLTask(base.Task):
     class names, or its names_file, and its own templates), so that
     inference's default zero-shot is the logged evaluation; else the digits
     demo's."""
-    from florax import export  # pylint: disable=g-import-not-at-top
     for name, ev in (self.config.get("evals") or {}).items():
       if ev.get("type", name) != "zeroshot" or not ev.get("enabled", True):
         continue

@@ -46,14 +46,6 @@ def record_or_check(workdir: str, filename: str, value: dict, what: str,
   _write_json(path, value)
 
 
-def sha256_file(path: str) -> str:
-  h = hashlib.sha256()
-  with open(path, "rb") as f:
-    for block in iter(lambda: f.read(1 << 20), b""):
-      h.update(block)
-  return h.hexdigest()
-
-
 @jax.jit
 def _leaf_fingerprint(x):
   """Two uint32 sums over the bits of `x`: integer sums wrap exactly, so the
