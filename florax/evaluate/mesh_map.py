@@ -27,9 +27,7 @@ class MeshMap:
   def __init__(self, fn: Callable, batch_sharding: NamedSharding,
                batch_size: int):
     mesh = batch_sharding.mesh
-    shards = int(np.prod([mesh.shape[a] for a in batch_sharding.spec[0] or ()]
-                         ) if batch_sharding.spec and batch_sharding.spec[0]
-                 else 1)
+    shards = mesh.size // batch_sharding.shard_shape((mesh.size,))[0]
     self.batch_size = -(-batch_size // shards) * shards
     self.sharding = batch_sharding
     self.fn = jax.jit(fn, out_shardings=NamedSharding(mesh, P()))
@@ -42,10 +40,7 @@ class MeshMap:
       if len(chunk) < bs:  # zero rows: one compiled shape for every chunk
         chunk = np.concatenate([chunk, np.zeros((bs - len(chunk),)
                                                 + chunk.shape[1:], chunk.dtype)])
-      sharding = NamedSharding(self.sharding.mesh,
-                               P(*self.sharding.spec[:1],
-                                 *([None] * (chunk.ndim - 1))))
-      batch = jax.make_array_from_callback(chunk.shape, sharding,
+      batch = jax.make_array_from_callback(chunk.shape, self.sharding,
                                            lambda idx, c=chunk: c[idx])
       out.append(np.asarray(self.fn(params, batch))[:n - start])
     return np.concatenate(out) if out else np.zeros((0,))
