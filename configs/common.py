@@ -39,6 +39,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.optimizer.eps = 1e-6
   c.optimizer.weight_decay = 0.05
   c.optimizer.clip_norm = 1.0
+  # Layer-wise lr decay (BEiT/EVA fine-tuning: 0.65-0.9; 1.0 = off): encoder
+  # layer l of L trains at lr * layer_decay ** (L + 1 - l), embeddings l = 0,
+  # heads and final norms l = L + 1 (florax/train/layer_decay.py).
+  c.optimizer.layer_decay = 1.0
   # Decoupled weight decay skips vectors (biases, norms) by ndim and these by
   # name (regular expressions over flat param names).
   c.optimizer.no_decay_patterns = ("pos_embed", "relative_position_bias",

@@ -40,3 +40,5 @@ def check_config(config: ml_collections.ConfigDict):
   lr = _get(config, "optimizer.learning_rate")
   if not lr > 0:
     raise ValueError(f"config.optimizer.learning_rate must be > 0, got {lr!r}")
+  from florax.train import layer_decay  # pylint: disable=g-import-not-at-top
+  layer_decay.check_value(config.optimizer.get("layer_decay", 1.0))

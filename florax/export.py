@@ -7,15 +7,24 @@ An export directory holds:
                        kernel', fp32 or cast to bf16;
   config.json          the training config (the model is rebuilt from
                        `model`, inputs sized by `data.image_size/max_len`);
-  tokenizer.model      the SentencePiece model the text tower was trained on;
+  tokenizer file       the tokenizer the text tower reads (its kind and file
+                       name in the manifest: florax's SentencePiece
+                       tokenizer.model, an imported CLIP's tokenizer.json,
+                       ...; florax.data.tokenizer.from_file reloads it);
   encode_image.jaxexp  `jax.export` serializations of
   encode_text.jaxexp   (flat params, inputs) -> L2-normalised embeddings with
                        a symbolic batch dimension: they run with jax alone,
                        without florax's model code;
   manifest.json        written last: format version, step, dtype, shapes,
                        the eval-time image preprocessing, zero-shot
-                       defaults and the size and sha256 of every other file
-                       (a directory without it is incomplete).
+                       defaults, where imported weights came from (`source`)
+                       and the size and sha256 of every other file (a
+                       directory without it is incomplete).
+
+An image-only model (an imported timm classifier) has no tokenizer and no
+encode_text; `python -m launch.import_weights` writes the same directory,
+so `florax.inference.load` and `config.init_from` read imports and exports
+alike.
 
 Inputs of the exported functions: images float32 (b, S, S, 3) transformed
 as the manifest's `preprocess` spec says (`florax.data.preprocess.apply`:
@@ -43,7 +52,6 @@ VERSION = 1
 MANIFEST = "manifest.json"
 PARAMS_FILE = "params.safetensors"
 CONFIG_FILE = "config.json"
-TOKENIZER_FILE = "tokenizer.model"
 IMAGE_FN_FILE = "encode_image.jaxexp"
 TEXT_FN_FILE = "encode_text.jaxexp"
 DTYPES = ("float32", "bfloat16")
@@ -120,28 +128,32 @@ def serialize_encoders(model, flat_abstract: Mapping[str, Any],
   Args:
     model: the TwoTower module.
     flat_abstract: {flat name: ShapeDtypeStruct} of the stored params.
-    image_size, max_len: input shapes besides the batch.
+    image_size, max_len: input shapes besides the batch (max_len None: an
+      image-only model).
     platforms: lowering platforms; if lowering for all of them fails (e.g. a
       kernel that exists for one backend only), the default backend alone.
 
   Returns:
-    (image bytes, text bytes, the platforms used).
+    (image bytes, text bytes or None, the platforms used).
   """
   encode_image, encode_text = encoders(model)
   batch, = jax.export.symbolic_shape("batch")
   images = jax.ShapeDtypeStruct((batch, image_size, image_size, 3),
                                 jnp.float32)
-  ids = jax.ShapeDtypeStruct((batch, max_len), jnp.int32)
   flat_abstract = {k: jax.ShapeDtypeStruct(v.shape, v.dtype)
                    for k, v in flat_abstract.items()}
+  towers = [(encode_image, images)]
+  if max_len is not None:
+    towers.append((encode_text,
+                   jax.ShapeDtypeStruct((batch, max_len), jnp.int32)))
 
   def run(plats):
     out = []
-    for fn, x in ((encode_image, images), (encode_text, ids)):
+    for fn, x in towers:
       exported = jax.export.export(jax.jit(_flat_fn(fn)),
                                    platforms=tuple(plats))(flat_abstract, x)
       out.append(bytes(exported.serialize()))
-    return out
+    return out + [None] * (2 - len(out))
 
   try:
     img, txt = run(platforms)
@@ -174,36 +186,46 @@ def zeroshot_defaults(config) -> dict:
 
 
 def write_export(out_dir: str, config: ml_collections.ConfigDict,
-                 params: Mapping[str, Any], tokenizer_proto: bytes, *,
+                 params: Mapping[str, Any], tokenizer, *,
                  step: int, dtype: str = "float32",
                  platforms: Sequence[str] = DEFAULT_PLATFORMS,
                  preprocess: dict | None = None,
-                 zeroshot: dict | None = None) -> dict:
+                 zeroshot: dict | None = None,
+                 source: dict | None = None) -> dict:
   """Writes an export directory (see module docstring).
 
   Args:
     out_dir: target directory; created, or replaced if it holds an export.
-    config: the training config.
+    config: the training config (or an import's, configs/imported.py).
     params: nested params (fp32, any device).
-    tokenizer_proto: the serialized SentencePiece model.
+    tokenizer: a florax.data.tokenizer tokenizer of any kind, the bytes of
+      florax's own SentencePiece model, or None for an image-only model.
     step: the checkpoint step, recorded in the manifest.
     dtype: 'float32' or 'bfloat16' storage dtype.
     platforms: `jax.export` lowering platforms.
     preprocess: the eval-time image transform (florax.data.preprocess spec)
       that inference must apply; default: the digits' whole-image resize.
     zeroshot: default class names and templates; default from the config.
+    source: where imported weights came from (recorded as is).
 
   Returns:
     The manifest.
   """
   from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
   from florax.data import preprocess as preprocess_lib  # pylint: disable=g-import-not-at-top
+  from florax.data import tokenizer as tok_lib  # pylint: disable=g-import-not-at-top
   from florax.models import two_tower  # pylint: disable=g-import-not-at-top
+  if isinstance(tokenizer, (bytes, bytearray)):
+    tokenizer = tok_lib.Tokenizer(tokenizer)
+  text = two_tower.has_text(config.model)
+  if text and tokenizer is None:
+    raise ValueError("a model with a text tower needs its tokenizer in the "
+                     "export")
   if dtype not in DTYPES:
     raise ValueError(f"export dtype {dtype!r} is not one of {DTYPES}")
   if os.path.exists(out_dir) and os.listdir(out_dir):
     if not os.path.exists(os.path.join(out_dir, MANIFEST)) and not all(
-        f.endswith((".safetensors", ".json", ".model", ".jaxexp"))
+        f.endswith((".safetensors", ".json", ".model", ".jaxexp", ".tmp"))
         for f in os.listdir(out_dir)):
       raise FileExistsError(
           f"{out_dir} exists and is not a florax export; choose another --out")
@@ -211,37 +233,47 @@ def write_export(out_dir: str, config: ml_collections.ConfigDict,
   os.makedirs(out_dir)
 
   np_dtype = jnp.bfloat16 if dtype == "bfloat16" else np.float32
-  flat = {k: np.asarray(jax.device_get(v)).astype(np_dtype)
+  # C order: safetensors writes an array's raw memory, so a transposed
+  # (Fortran-ordered) view would come back transposed.
+  flat = {k: np.array(jax.device_get(v), dtype=np_dtype, order="C")
           for k, v in flatten_params(params).items()}
   save_file(flat, os.path.join(out_dir, PARAMS_FILE),
             metadata={"format": FORMAT, "dtype": dtype, "step": str(step)})
   with open(os.path.join(out_dir, CONFIG_FILE), "w", encoding="utf-8") as f:
     f.write(config.to_json_best_effort(indent=1, sort_keys=True))
-  with open(os.path.join(out_dir, TOKENIZER_FILE), "wb") as f:
-    f.write(tokenizer_proto)
+  names = [PARAMS_FILE, CONFIG_FILE, IMAGE_FN_FILE]
+  tok_info = None
+  if tokenizer is not None:
+    tok_file, blob = tokenizer.serialize()
+    with open(os.path.join(out_dir, tok_file), "wb") as f:
+      f.write(blob)
+    names += [tok_file, TEXT_FN_FILE]
+    tok_info = {"kind": tokenizer.kind, "file": tok_file,
+                "vocab_size": int(tokenizer.vocab_size)}
 
   model = two_tower.from_config(config.model)
   img, txt, used = serialize_encoders(
       model, {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in
-              flat.items()}, config.data.image_size, config.data.max_len,
-      platforms)
+              flat.items()}, config.data.image_size,
+      config.data.max_len if text else None, platforms)
   for name, blob in ((IMAGE_FN_FILE, img), (TEXT_FN_FILE, txt)):
-    with open(os.path.join(out_dir, name), "wb") as f:
-      f.write(blob)
+    if blob is not None:
+      with open(os.path.join(out_dir, name), "wb") as f:
+        f.write(blob)
 
-  from florax.data import tokenizer as tok_lib  # pylint: disable=g-import-not-at-top
   files = {}
-  for name in (PARAMS_FILE, CONFIG_FILE, TOKENIZER_FILE, IMAGE_FN_FILE,
-               TEXT_FN_FILE):
+  for name in names:
     path = os.path.join(out_dir, name)
     files[name] = {"bytes": os.path.getsize(path), "sha256": sha256_file(path)}
   manifest = {
       "format": FORMAT, "version": VERSION, "step": int(step),
       "param_dtype": dtype, "num_params": int(sum(v.size for v in flat.values())),
       "image_size": int(config.data.image_size),
-      "max_len": int(config.data.max_len),
+      "max_len": int(config.data.max_len) if text else None,
       "embed_dim": int(config.model.embed_dim),
-      "tokenizer_vocab_size": tok_lib.Tokenizer(tokenizer_proto).vocab_size,
+      "num_classes": int(config.model.get("num_classes", 0)),
+      "tokenizer": tok_info,
+      "source": source,
       "export_platforms": used,
       "image_input": "float32 (batch, S, S, 3) after `preprocess`",
       "preprocess": preprocess or preprocess_lib.resize_spec(
@@ -282,10 +314,9 @@ def export_workdir(config: ml_collections.ConfigDict, workdir: str,
     raise FileNotFoundError(
         f"no tokenizer at {tok_path}: the export needs the tokenizer the "
         "model was trained with")
-  with open(tok_path, "rb") as f:
-    proto = f.read()
   params, step = restore.restore_params(workdir,
                                         restore.abstract_params(task), step)
-  return write_export(out_dir, config, params, proto, step=step, dtype=dtype,
+  return write_export(out_dir, config, params, task.tokenizer, step=step,
+                      dtype=dtype,
                       platforms=platforms, preprocess=task.preprocess_spec(),
                       zeroshot=task.zeroshot_defaults())

@@ -37,10 +37,9 @@ from florax.export import IMAGE_FN_FILE as _IMAGE_FN  # noqa: E402
 from florax.export import MANIFEST as _MANIFEST  # noqa: E402
 from florax.export import PARAMS_FILE as _PARAMS  # noqa: E402
 from florax.export import TEXT_FN_FILE as _TEXT_FN  # noqa: E402
-from florax.export import TOKENIZER_FILE as _TOKENIZER  # noqa: E402
 from florax.export import VERSION as _VERSION  # noqa: E402
 from florax.export import sha256_file as _sha256  # noqa: E402
-_REQUIRED = (_PARAMS, _CONFIG, _TOKENIZER, _IMAGE_FN, _TEXT_FN)
+_REQUIRED = (_PARAMS, _CONFIG, _IMAGE_FN)
 BACKENDS = ("native", "exported")
 
 
@@ -98,7 +97,8 @@ def read_manifest(export_dir: str, verify_checksums: bool = False) -> dict:
     raise ExportError(
         f"{export_dir} has export format version {manifest.get('version')}; "
         f"this florax reads version {_VERSION}")
-  for name in _REQUIRED:
+  tok = manifest.get("tokenizer")
+  for name in _REQUIRED + ((tok["file"], _TEXT_FN) if tok else ()):
     file = os.path.join(export_dir, name)
     expected = manifest["files"].get(name)
     if expected is None:
@@ -106,7 +106,7 @@ def read_manifest(export_dir: str, verify_checksums: bool = False) -> dict:
     if not os.path.exists(file):
       raise ExportError(f"{export_dir} is incomplete: {name} is missing; "
                         f"{redo}")
-    if name == _TOKENIZER:  # checked by _load_tokenizer, against the config
+    if tok and name == tok["file"]:  # checked by _load_tokenizer
       continue
     size = os.path.getsize(file)
     if size != expected["bytes"]:
@@ -122,27 +122,28 @@ def read_manifest(export_dir: str, verify_checksums: bool = False) -> dict:
 
 def _load_tokenizer(export_dir: str, manifest: dict, text_vocab: int):
   from florax.data import tokenizer as tok_lib  # pylint: disable=g-import-not-at-top
-  path = os.path.join(export_dir, _TOKENIZER)
+  info = manifest["tokenizer"]
+  path = os.path.join(export_dir, info["file"])
   try:
-    tok = tok_lib.load_tokenizer(path)
+    tok = tok_lib.from_file(path, kind=info["kind"])
   except Exception as e:  # pylint: disable=broad-except
-    raise ExportError(f"{path} is not a readable SentencePiece model: {e}"
-                      ) from None
+    raise ExportError(f"{path} is not a readable {info['kind']} tokenizer: "
+                      f"{e}") from None
   if tok.vocab_size > text_vocab:
     raise ExportError(
         f"{path} has {tok.vocab_size} pieces but the model's text tower has "
         f"vocab_size {text_vocab}: this tokenizer does not belong to the "
         "exported config")
-  if tok.vocab_size != manifest["tokenizer_vocab_size"]:
+  if tok.vocab_size != info["vocab_size"]:
     raise ExportError(
         f"{path} has {tok.vocab_size} pieces; the model was trained with a "
-        f"tokenizer of {manifest['tokenizer_vocab_size']}: it does not match "
-        "the exported config")
-  if _sha256(path) != manifest["files"][_TOKENIZER]["sha256"]:
+        f"tokenizer of {info['vocab_size']}: it does not match the exported "
+        "config")
+  if _sha256(path) != manifest["files"][info["file"]]["sha256"]:
     raise ExportError(
         f"{path} is not the tokenizer this model was exported with (its "
-        "sha256 differs from the manifest); put back the exported "
-        "tokenizer.model or re-export")
+        f"sha256 differs from the manifest); put back the exported "
+        f"{info['file']} or re-export")
   return tok
 
 
@@ -227,9 +228,9 @@ class Model:
     self.config = config
     self.tokenizer = tokenizer
     self.image_size = int(manifest["image_size"])
-    self.max_len = int(manifest["max_len"])
+    self.max_len = manifest["max_len"]
     self.step = int(manifest["step"])
-    self.logit_scale = float(logit_scale)
+    self.logit_scale = logit_scale
     self.device = device
     self.max_batch = max_batch
     self.backend = backend
@@ -237,7 +238,8 @@ class Model:
     #: (tower, padded batch) -> times traced; tracing precedes every compile.
     self.traces: collections.Counter = collections.Counter()
     self._image_fn = self._jit("image", image_fn)
-    self._text_fn = self._jit("text", text_fn)
+    self._text_fn = None if text_fn is None else self._jit("text", text_fn)
+    self._classify_fn = None
 
   def _jit(self, tower, fn):
     def counted(params, x):
@@ -276,16 +278,37 @@ class Model:
     """Unit-norm embeddings (n, d) of PIL images or uint8 arrays."""
     return self._run(self._image_fn, self.preprocess(images))
 
+  def classify(self, images) -> np.ndarray:
+    """Class logits (n, classes) of an imported classifier (a timm model
+    with its head); native backend."""
+    return self.classify_pixels(self.preprocess(images))
+
+  def classify_pixels(self, pixels) -> np.ndarray:
+    """Like `classify` for already preprocessed float32 (n, S, S, 3)."""
+    if self._classify_fn is None:
+      raise ValueError(
+          f"{self.export_dir} has no classifier head"
+          if not self.manifest.get("num_classes") else
+          "classify needs backend='native' (the exported functions are the "
+          "embedding towers)")
+    return self._run(self._classify_fn, self._pixels(pixels))
+
   def encode_pixels(self, pixels) -> np.ndarray:
     """Like `encode_image` for already preprocessed float32 (n, S, S, 3)."""
+    return self._run(self._image_fn, self._pixels(pixels))
+
+  def _pixels(self, pixels) -> np.ndarray:
     pixels = np.asarray(pixels, np.float32)
     shape = (self.image_size, self.image_size, 3)
     if pixels.ndim != 4 or pixels.shape[1:] != shape:
       raise ValueError(f"pixels must be (n, {shape[0]}, {shape[1]}, 3), got "
                        f"{pixels.shape}")
-    return self._run(self._image_fn, pixels)
+    return pixels
 
   def tokenize(self, texts: Sequence[str]) -> np.ndarray:
+    if self.tokenizer is None:
+      raise ValueError(f"{self.export_dir} holds an image-only model: it has "
+                       "no text tower or tokenizer")
     if isinstance(texts, str):
       raise ValueError("encode_text takes a list of strings, not one string")
     texts = list(texts)
@@ -336,8 +359,10 @@ class Model:
     return ZeroShotResult(names, probs, ids, [names[i] for i in ids])
 
 
-def _logit_scale(flat: dict, max_scale: float = 100.0) -> float:
+def _logit_scale(flat: dict, max_scale: float = 100.0) -> float | None:
   # TwoTower.logit_scale: exp(log τ) clamped at 100.
+  if "logit_scale" not in flat:  # an image-only model
+    return None
   return float(np.exp(min(float(np.asarray(flat["logit_scale"], np.float32)),
                           np.log(max_scale))))
 
@@ -364,21 +389,23 @@ def load(export_dir: str, *, backend: str = "native", device=None,
   manifest = read_manifest(export_dir, verify_checksums)
   with open(os.path.join(export_dir, _CONFIG), encoding="utf-8") as f:
     config = json.load(f)
-  tokenizer = _load_tokenizer(export_dir, manifest,
-                              int(config["model"]["text"]["vocab_size"]))
+  tokenizer = None
+  if manifest.get("tokenizer"):
+    tokenizer = _load_tokenizer(export_dir, manifest,
+                                int(config["model"]["text"]["vocab_size"]))
   flat = _load_flat_params(export_dir)
   device = device or jax.devices()[0]
   scale = _logit_scale(flat)
 
   if backend == "exported":
-    fns = []
-    for name in (_IMAGE_FN, _TEXT_FN):
+    fns = [None, None]
+    for i, name in enumerate((_IMAGE_FN, _TEXT_FN)[:1 + bool(tokenizer)]):
       with open(os.path.join(export_dir, name), "rb") as f:
         try:
           exported = jax.export.deserialize(bytearray(f.read()))
         except Exception as e:  # pylint: disable=broad-except
           raise ExportError(f"cannot deserialize {name}: {e}") from None
-      fns.append(lambda p, x, e=exported: e.call(p, x))
+      fns[i] = lambda p, x, e=exported: e.call(p, x)
     params = jax.device_put(flat, device)
     return Model(export_dir, manifest, config, tokenizer, fns[0], fns[1],
                  params, scale, device, max_batch, backend)
@@ -390,8 +417,9 @@ def load(export_dir: str, *, backend: str = "native", device=None,
   image_fn, text_fn = export.encoders(model)
   s, length = manifest["image_size"], manifest["max_len"]
   boxed = jax.eval_shape(model.init, jax.random.key(0),
-                         jnp.zeros((1, s, s, 3)), jnp.zeros((1, length),
-                                                            jnp.int32))
+                         jnp.zeros((1, s, s, 3)),
+                         None if length is None else jnp.zeros((1, length),
+                                                               jnp.int32))
   import flax.linen as nn  # pylint: disable=g-import-not-at-top
   expected = export.flatten_params(nn.unbox(boxed)["params"])
   missing = sorted(set(expected) - set(flat))
@@ -409,5 +437,11 @@ def load(export_dir: str, *, backend: str = "native", device=None,
   params = export.unflatten_params(
       {k: np.asarray(v).astype(np.float32) for k, v in flat.items()})
   params = jax.device_put(params, device)
-  return Model(export_dir, manifest, config, tokenizer, image_fn, text_fn,
-               params, scale, device, max_batch, backend)
+  loaded = Model(export_dir, manifest, config, tokenizer, image_fn,
+                 text_fn if tokenizer else None, params, scale, device,
+                 max_batch, backend)
+  if manifest.get("num_classes"):
+    loaded._classify_fn = loaded._jit(  # pylint: disable=protected-access
+        "classify", lambda p, x: model.apply({"params": p}, x,
+                                             method=model.classify))
+  return loaded

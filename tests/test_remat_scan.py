@@ -39,8 +39,9 @@ def test_scanned_text_tower_equals_unrolled():
   ids = jax.random.randint(jax.random.key(1), (2, 8), 3, 50).at[:, 5].set(
       EOS_ID)
   p = _random_params(plain, ids)
-  ps = {k: v for k, v in p.items() if not k.startswith("block")}
-  ps["blocks"] = {"block": _stack([p[f"block{i}"] for i in range(3)])}
+  ps = dict(p)
+  ps["encoder"] = {"blocks": {"block": _stack(
+      [p["encoder"][f"block{i}"] for i in range(3)])}}
   want, _ = jax.jit(plain.apply)({"params": p}, ids)
   got, _ = jax.jit(scanned.apply)({"params": ps}, ids)
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)

@@ -8,6 +8,12 @@ carries and both sides apply with `apply`:
    "mean": [...], "std": [...]}    the records pipeline's eval transform
   {"transform": "resize", "size": S, "mean": [.5]*3, "std": [.5]*3}
                                    whole image, bilinear (the digits demo)
+  {"transform": "resize_center_crop", "size": S, "resize_size": R,
+   "mean": [...], "std": [...]}    shorter side resized to R (bicubic), then
+                                   the centred S x S crop: timm's and
+                                   open_clip's eval transform (torchvision
+                                   Resize(R) + CenterCrop(S) on PIL images),
+                                   which imported weights expect
 """
 
 from __future__ import annotations
@@ -29,6 +35,31 @@ def center_crop_spec(size: int, crop_fraction: float, mean, std) -> dict:
 def resize_spec(size: int) -> dict:
   return {"transform": "resize", "size": int(size), "mean": [0.5] * 3,
           "std": [0.5] * 3}
+
+
+def resize_center_crop_spec(size: int, resize_size: int, mean, std) -> dict:
+  return {"transform": "resize_center_crop", "size": int(size),
+          "resize_size": int(resize_size),
+          "mean": [float(m) for m in mean], "std": [float(s) for s in std]}
+
+
+def _resize_center_crop(image: Image.Image, resize: int, size: int
+                        ) -> np.ndarray:
+  """torchvision's Resize(resize) then CenterCrop(size), on PIL: the shorter
+  side becomes `resize`, the longer int(resize * long / short)."""
+  image = image.convert("RGB")
+  w, h = image.size
+  if w <= h:
+    new = (resize, int(resize * h / w))
+  else:
+    new = (int(resize * w / h), resize)
+  image = image.resize(new, Image.BICUBIC)
+  left = int(round((new[0] - size) / 2.0))
+  top = int(round((new[1] - size) / 2.0))
+  if left < 0 or top < 0:
+    raise ValueError(f"resize_size {resize} is smaller than the crop {size}")
+  return np.asarray(image.crop((left, top, left + size, top + size)),
+                    np.uint8)
 
 
 def _normalise(pixels: np.ndarray, spec: dict) -> np.ndarray:
@@ -55,4 +86,7 @@ def apply(image: Any, spec: dict, record_id: str = "image") -> np.ndarray:
   if spec["transform"] == "resize":
     img = image.convert("RGB").resize((size, size), Image.BILINEAR)
     return _normalise(np.asarray(img, np.uint8), spec)
+  if spec["transform"] == "resize_center_crop":
+    return _normalise(_resize_center_crop(image, spec["resize_size"], size),
+                      spec)
   raise ValueError(f"unknown preprocessing transform {spec['transform']!r}")

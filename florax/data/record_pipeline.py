@@ -52,6 +52,9 @@ def default_data_config() -> ml_collections.ConfigDict:
       # text
       text=True,
       tokenizer_path="",       # or pass tokenizer= to make_train_iterator
+      # "" = by file name (tokenizer.json: CLIP BPE; else florax's
+      # SentencePiece); or a florax.data.tokenizer kind
+      tokenizer_kind="",
       max_text_len=77,
       use_templates=True,
       drop_templated=False,    # Florence stage 2

@@ -5,6 +5,13 @@ relative position bias) whose patch embedding and patch merging are replaced
 by CvT-style convolutional embeddings: an overlapping strided conv followed by
 LayerNorm (Florence §2.3; CvT, Wu et al. 2021). Global average pooling gives
 the image feature.
+
+The plain Swin stem and merging (Liu et al. 2021; UniCL's Swin image
+encoder, timm's SwinTransformer) are options of the same model, so imported
+Swin weights run on this code: `stem="patch"` is a non-overlapping
+patch_size x patch_size conv (kernel = stride = `stem_stride`, no padding) +
+LayerNorm, and `merge="patch"` is Swin's PatchMerging (each 2x2 neighbourhood
+concatenated to 4C, LayerNorm, bias-free Linear 4C -> 2C).
 """
 
 from __future__ import annotations
@@ -31,6 +38,12 @@ class CoSwinConfig:
   stem_stride: int = 4
   merge_kernel: int = 3
   merge_stride: int = 2
+  # "conv": CvT convolutional embeddings (CoSwin, the default); "patch":
+  # Swin's non-overlapping patch embedding (kernel = stride = stem_stride;
+  # stem_kernel unused) and 2x2 PatchMerging (needs merge_stride 2;
+  # merge_kernel unused), for imported Swin weights.
+  stem: str = "conv"
+  merge: str = "conv"
   drop_path_rate: float = 0.2
   attention_impl: str = "xla"
   remat: str = "none"
@@ -59,6 +72,9 @@ PRESETS = {
 }
 
 
+EMBEDDINGS = ("conv", "patch")
+
+
 def stage_grids(image_size: int, cfg: CoSwinConfig) -> list[int]:
   """Token grid side of every stage, checking the stride schedule."""
   total = cfg.stem_stride * cfg.merge_stride ** (len(cfg.depths) - 1)
@@ -85,6 +101,13 @@ def validate(cfg: CoSwinConfig, image_size: int):
     if dim % h:
       raise ValueError(f"CoSwin stage {i}: width {dim} is not divisible by "
                        f"{h} heads")
+  for field in ("stem", "merge"):
+    if getattr(cfg, field) not in EMBEDDINGS:
+      raise ValueError(f"CoSwin {field}={getattr(cfg, field)!r} is not one of "
+                       f"{EMBEDDINGS}")
+  if cfg.merge == "patch" and cfg.merge_stride != 2:
+    raise ValueError(f"CoSwin merge='patch' merges 2x2 neighbourhoods, so "
+                     f"merge_stride must be 2, got {cfg.merge_stride}")
   if cfg.window_size < 1:
     raise ValueError(f"window_size must be positive, got {cfg.window_size}")
   layers.maybe_remat(nn.Module, cfg.remat)  # validates the policy name
@@ -95,15 +118,20 @@ def validate(cfg: CoSwinConfig, image_size: int):
 
 
 class ConvEmbed(nn.Module):
-  """CvT convolutional token embedding: overlapping strided conv + LN."""
+  """CvT convolutional token embedding: overlapping strided conv + LN.
+
+  With `patchify` the conv is Swin's patch embedding instead: kernel =
+  stride, no padding, so every patch is embedded on its own.
+  """
   features: int
   kernel: int
   stride: int
   dtype: Any = jnp.float32
+  patchify: bool = False
 
   @nn.compact
   def __call__(self, x):
-    pad = (self.kernel - 1) // 2
+    pad = 0 if self.patchify else (self.kernel - 1) // 2
     x = nn.Conv(
         self.features, (self.kernel, self.kernel), strides=self.stride,
         padding=((pad, pad), (pad, pad)), dtype=self.dtype,
@@ -114,6 +142,26 @@ class ConvEmbed(nn.Module):
                                                ("embed",)),
         name="conv")(x)
     return layers.layer_norm(name="norm")(x).astype(self.dtype)
+
+
+class PatchMerging(nn.Module):
+  """Swin's downsampling: each 2x2 neighbourhood concatenated to 4C (in the
+  order (0,0), (1,0), (0,1), (1,1) of (row, column) offsets: Swin's x0..x3,
+  timm's reshape/permute), LayerNorm over 4C, bias-free Linear to
+  `features`. The grid is even (checked by `stage_grids`)."""
+  features: int
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    b, h, w, c = x.shape
+    # (B, H/2, dy, W/2, dx, C) -> (B, H/2, W/2, dx, dy, C): the column offset
+    # is the slower one in Swin's concatenation.
+    x = x.reshape(b, h // 2, 2, w // 2, 2, c).transpose(0, 1, 3, 4, 2, 5)
+    x = x.reshape(b, h // 2, w // 2, 4 * c)
+    x = layers.layer_norm(name="norm", axis_name="conv_in")(x)
+    return layers.dense(self.features, ("conv_in", "embed"), dtype=self.dtype,
+                        use_bias=False, name="reduction")(x)
 
 
 class WindowAttention(nn.Module):
@@ -216,12 +264,18 @@ class CoSwin(nn.Module):
     cfg = self.config
     rates = layers.drop_path_rates(cfg.drop_path_rate, sum(cfg.depths))
     block_cls = layers.maybe_remat(SwinBlock, cfg.remat, static_argnums=(2,))
-    x = ConvEmbed(cfg.embed_dim, cfg.stem_kernel, cfg.stem_stride, self.dtype,
+    patch_stem = cfg.stem == "patch"
+    x = ConvEmbed(cfg.embed_dim,
+                  cfg.stem_stride if patch_stem else cfg.stem_kernel,
+                  cfg.stem_stride, self.dtype, patchify=patch_stem,
                   name="stem")(images.astype(self.dtype))
     features = []
     i_block = 0
     for s, (depth, heads) in enumerate(zip(cfg.depths, cfg.num_heads)):
-      if s > 0:
+      if s > 0 and cfg.merge == "patch":
+        x = PatchMerging(cfg.embed_dim * 2 ** s, self.dtype,
+                         name=f"merge{s}")(x)
+      elif s > 0:
         x = ConvEmbed(cfg.embed_dim * 2 ** s, cfg.merge_kernel,
                       cfg.merge_stride, self.dtype, name=f"merge{s}")(x)
       if cfg.scan:

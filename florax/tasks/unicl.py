@@ -27,7 +27,7 @@ from florax.evaluate import mesh_map
 from florax.evaluate import two_tower as two_tower_evals
 from florax.losses import contrastive
 from florax.losses import global_contrastive
-from florax.models import coswin, text, two_tower
+from florax.models import text, two_tower
 from florax.parallel import mesh as mesh_lib
 from florax.parallel import sharding as sharding_lib
 from florax.tasks import base
@@ -75,7 +75,7 @@ class UniCLTask(base.Task):
     if not isinstance(cfg.data.image_size, int) or cfg.data.image_size <= 0:
       raise ValueError(f"data.image_size must be a positive integer, got "
                        f"{cfg.data.image_size!r}")
-    coswin.validate(two_tower.image_config(cfg.model), cfg.data.image_size)
+    two_tower.validate_image(cfg.model, cfg.data.image_size)
     text.validate(text.TextConfig(**dict(cfg.model.text)))
     if cfg.data.max_len > cfg.model.text.max_len:
       raise ValueError(f"data.max_len {cfg.data.max_len} exceeds "
@@ -86,6 +86,14 @@ class UniCLTask(base.Task):
           f"the tokenizer has {tok.vocab_size} pieces but "
           f"model.text.vocab_size is {cfg.model.text.vocab_size}; set "
           f"--config.model.text.vocab_size={tok.vocab_size} (or larger)")
+    text_cfg = text.TextConfig(**dict(cfg.model.text))
+    if tok.eos_id != text_cfg.eos_id or text_cfg.pad_id not in (None,
+                                                                tok.pad_id):
+      raise ValueError(
+          f"the {tok.kind} tokenizer ends texts with id {tok.eos_id} and pads "
+          f"with {tok.pad_id}, but model.text has eos_id={text_cfg.eos_id}, "
+          f"pad_id={text_cfg.pad_id}: the text tower would pool at the wrong "
+          "token; use the tokenizer the model was built or imported with")
     if cfg.data.name == "digits" and cfg.data.train_examples == 0:
       raise ValueError("the digits train split is empty: data.train_examples=0")
     two_tower_evals.check(cfg.get("evals"))
@@ -123,13 +131,16 @@ class UniCLTask(base.Task):
   # -- pieces ---------------------------------------------------------------
 
   @property
-  def tokenizer(self) -> tok_lib.Tokenizer:
-    """`data.records.tokenizer_path` if set, else trained on the dataset's
-    texts at first use and cached in the workdir."""
+  def tokenizer(self) -> tok_lib.TextTokenizer:
+    """`data.records.tokenizer_path` if set (florax's SentencePiece, or an
+    imported model's tokenizer.json), else trained on the dataset's texts
+    at first use and cached in the workdir."""
     if self._tokenizer is None:
       path = self.tokenizer_path()
       if path != os.path.join(self.workdir, "tokenizer.model"):
-        self._tokenizer = tok_lib.load_tokenizer(path)
+        kind = self.config.data.records.get("tokenizer_kind") or (
+            None if path.endswith((".json", ".gz")) else "sentencepiece")
+        self._tokenizer = tok_lib.from_file(path, kind=kind)
       else:
         self._tokenizer = tok_lib.load_or_train_tokenizer(
             path, self._corpus(), self.config.data.tokenizer_vocab_size)

@@ -31,6 +31,8 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
+from florax.train import layer_decay as layer_decay_lib
+
 SCHEDULE_FILE = "schedule.json"
 
 
@@ -154,9 +156,20 @@ def decay_mask(params: Any, no_decay_patterns: Sequence[str]) -> Any:
 def build_optimizer(cfg: ml_collections.ConfigDict, total_steps,
                     params: Any) -> tuple[optax.GradientTransformation, Any]:
   """Returns (optimizer, schedule). `params` may be abstract (shapes only).
-  `total_steps`: the run's train.steps, or its `schedule_segments`."""
+  `total_steps`: the run's train.steps, or its `schedule_segments`.
+
+  With `cfg.layer_decay` < 1 every update is scaled by its layer's lr
+  multiplier (florax/train/layer_decay.py), after adamw so that weight decay
+  is scaled too; the optimizer state is the same either way.
+
+  Raises:
+    ValueError: unknown optimizer, layer_decay outside (0, 1], or < 1 for a
+      model without encoder layers (called before anything compiles).
+  """
   if cfg.name != "adamw":
     raise ValueError(f"unknown optimizer {cfg.name!r}; supported: 'adamw'")
+  # A config from before the field existed means no decay.
+  decay = layer_decay_lib.check_value(cfg.get("layer_decay", 1.0))
   schedule = (learning_rate_schedule(cfg, total_steps)
               if isinstance(total_steps, int)
               else segmented_schedule(cfg, total_steps))
@@ -167,4 +180,7 @@ def build_optimizer(cfg: ml_collections.ConfigDict, total_steps,
                   weight_decay=cfg.weight_decay,
                   mask=decay_mask(params, cfg.no_decay_patterns)),
   )
+  if decay < 1.0:
+    tx = layer_decay_lib.scale_updates(
+        tx, layer_decay_lib.multipliers(params, decay))
   return tx, schedule

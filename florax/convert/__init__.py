@@ -1,0 +1,145 @@
+"""Importing weights trained elsewhere: which module converts which source.
+
+  source       arch names                          module
+  timm         vit_* (VisionTransformer)           florax.convert.timm_vit
+               swin_* (SwinTransformer)            florax.convert.timm_swin
+  open_clip    ViT-B-16, ViT-L-14-quickgelu, ...   florax.convert.open_clip
+  hf, torchscale                                   not yet (BEiT-3 / FLAVA)
+
+`convert(source, state_dict, arch, ...)` returns an `Imported`: the florax
+`config.model`, flat params, the conversion report and the eval-time image
+preprocessing, which `python -m launch.import_weights` writes as an export
+directory (florax.export.write_export). Modules are imported on demand: the
+registry itself needs neither jax nor torch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import math
+from typing import Any, Iterable, Mapping
+
+import numpy as np
+
+SOURCES = ("timm", "open_clip", "hf", "torchscale")
+# Named in the command line's choices so that users find them, answered with
+# a clear error until their converters exist.
+NOT_YET = {"hf": "Hugging Face checkpoints", "torchscale": "torchscale"}
+
+# timm arch name prefixes -> converter module.
+_TIMM_FAMILIES = (("vit_", "timm_vit"), ("swin_", "timm_swin"))
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclasses.dataclass
+class Imported:
+  """One converted checkpoint.
+
+  Attributes:
+    source: 'timm' or 'open_clip'.
+    arch: the arch name it was converted as.
+    model: florax `config.model` (florax.models.two_tower.from_config).
+    image_size: the resolution the model was built for.
+    max_len: the text length (None for an image-only model).
+    params: {florax flat name: float32 array}.
+    report: florax.convert.common.Report.
+    preprocess: the eval-time image transform (florax.data.preprocess spec).
+  """
+  source: str
+  arch: str
+  model: dict
+  image_size: int
+  max_len: int | None
+  params: dict
+  report: Any
+  preprocess: dict
+
+
+def _not_yet(source: str):
+  raise ValueError(
+      f"--source {source}: not yet: importing {NOT_YET[source]} is added by "
+      "the BEiT-3/FLAVA work; available now: timm, open_clip")
+
+
+def module_for(source: str, arch: str):
+  """The converter module of `source` for `arch`."""
+  if source in NOT_YET:
+    _not_yet(source)
+  if source == "open_clip":
+    return importlib.import_module("florax.convert.open_clip")
+  if source == "timm":
+    for prefix, name in _TIMM_FAMILIES:
+      if arch.startswith(prefix):
+        return importlib.import_module(f"florax.convert.{name}")
+    raise ValueError(
+        f"timm arch {arch!r} is neither a ViT (vit_*) nor a Swin (swin_*) "
+        "model; those are the timm families florax imports")
+  raise ValueError(f"unknown weight source {source!r}; choose one of "
+                   f"{SOURCES}")
+
+
+def known_archs(source: str) -> list[str]:
+  if source in NOT_YET:
+    return []
+  if source == "timm":
+    return sorted(a for _, m in _TIMM_FAMILIES for a in
+                  importlib.import_module(f"florax.convert.{m}").ARCHS)
+  return sorted(module_for(source, "").ARCHS)
+
+
+def eval_preprocess(size: int, crop_fraction: float, mean, std) -> dict:
+  """The eval transform of timm / open_clip (resize the shorter side to
+  floor(size / crop_fraction) bicubically, centre crop size) as a
+  florax.data.preprocess spec."""
+  from florax.data import preprocess  # pylint: disable=g-import-not-at-top
+  return preprocess.resize_center_crop_spec(
+      size, math.floor(size / crop_fraction), mean, std)
+
+
+def _c_order(params: dict) -> dict:
+  """C-contiguous copies: a converted torch Linear weight is a transposed,
+  Fortran-ordered view, which safetensors.numpy.save_file writes as raw
+  memory -- i.e. silently transposed back."""
+  return {k: np.asarray(v, order="C") for k, v in params.items()}
+
+
+def _image_only_model(family: str, image: dict, num_classes) -> dict:
+  return {"image": dict(arch=family, **image), "text": None, "embed_dim": 0,
+          "num_classes": int(num_classes or 0), "dtype": "float32",
+          "init_temperature": 0.07}
+
+
+def convert(source: str, state_dict: Mapping[str, np.ndarray], arch: str,
+            image_size: int | None = None, allow_missing: Iterable[str] = (),
+            *, eos_id: int | None = None) -> Imported:
+  """Converts a state dict from `source` as `arch`.
+
+  Raises:
+    ValueError for an unknown source or arch; common.ConversionError (a
+    ValueError) listing every tensor that does not fit.
+  """
+  module = module_for(source, arch)
+  allow_missing = tuple(allow_missing)
+  if source == "open_clip":
+    kwargs = {} if eos_id is None else {"eos_id": eos_id}
+    cfg, params, report = module.convert_state_dict(
+        state_dict, arch, image_size, allow_missing, **kwargs)
+    return Imported(source, arch, cfg["model"], cfg["image_size"],
+                    cfg["max_len"], _c_order(params), report,
+                    eval_preprocess(cfg["image_size"], 1.0, module.MEAN,
+                                    module.STD))
+  cfg, params, report = module.convert_state_dict(
+      state_dict, arch, image_size, allow_missing)
+  params = _c_order(params)
+  size = cfg["image_size"]
+  if cfg["family"] == "vit":
+    ev = module.eval_transform(arch)
+    spec = eval_preprocess(size, ev["crop_pct"], ev["mean"], ev["std"])
+  else:  # timm's Swin weights: ImageNet mean/std, crop_pct 0.9 below 384 px
+    spec = eval_preprocess(size, 0.9 if size < 384 else 1.0, IMAGENET_MEAN,
+                           IMAGENET_STD)
+  model = _image_only_model(cfg["family"], cfg["image"], cfg["num_classes"])
+  return Imported(source, arch, model, size, None, params, report, spec)

@@ -1,0 +1,254 @@
+"""open_clip's CLIP (ViT image tower + text transformer) -> florax TwoTower.
+
+open_clip state dicts (`model.state_dict()`, the hub's
+open_clip_model.safetensors / open_clip_pytorch_model.bin, and OpenAI's
+original checkpoints, which use the same names) become a florax two-tower
+model: the ViT under 'image_encoder/', the text transformer under
+'text_encoder/', the projections 'image_proj/kernel' and 'text_proj/kernel'
+(open_clip's `visual.proj` and `text_projection` are already (in, out)) and
+'logit_scale' (open_clip's is already the log of the scale).
+
+The architecture comes from an explicit table (ARCHS) holding the numbers of
+open_clip's own model configs (open_clip/model_configs/*.json); the
+'-quickgelu' names are the ones OpenAI's weights were trained with (QuickGELU,
+x * sigmoid(1.702 x)); the others use exact GELU. open_clip cannot tell the
+two apart from a state dict and neither can florax: import OpenAI's weights
+with a '-quickgelu' arch.
+
+Numerics: both towers are florax's shared pre-LN encoder. The image tower is
+conv1 (no bias) + class embedding + position embedding, ln_pre, the blocks,
+ln_post on every token and the class token pooled. The text tower adds
+token and position embeddings, runs causally (the attn_mask buffer is
+rebuilt by florax, not read), applies ln_final and pools at the end-of-text
+token: open_clip pools at the argmax of the ids, which is the first
+end_of_text id for its tokenizer (49407 is the largest id).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Iterable, Mapping
+
+import numpy as np
+
+from florax.convert import common
+
+IMAGE = "image_encoder"
+TEXT = "text_encoder"
+
+# OpenAI CLIP's eval transform: resize the shorter side to the image size
+# (bicubic), centre crop, normalise with these.
+MEAN = (0.48145466, 0.4578275, 0.40821073)
+STD = (0.26862954, 0.26130258, 0.27577711)
+# open_clip's tokenizer ends its vocabulary with <start_of_text>,
+# <end_of_text> (49406, 49407 for OpenAI's): the default eos is the last id.
+
+
+def _clip(embed_dim, image_size, patch_size, width, layers, text_width,
+          text_heads, text_layers, head_width=64, mlp_ratio=4.0,
+          context_length=77, vocab_size=49408, quick_gelu=False,
+          text_mlp_ratio=4.0):
+  """An entry in open_clip's own terms (its model_configs JSON fields)."""
+  return dict(embed_dim=embed_dim, quick_gelu=quick_gelu,
+              vision=dict(image_size=image_size, patch_size=patch_size,
+                          width=width, layers=layers, head_width=head_width,
+                          mlp_ratio=mlp_ratio),
+              text=dict(context_length=context_length, vocab_size=vocab_size,
+                        width=text_width, heads=text_heads,
+                        layers=text_layers, mlp_ratio=text_mlp_ratio))
+
+
+_BASES = {
+    "ViT-B-32": _clip(512, 224, 32, 768, 12, 512, 8, 12),
+    "ViT-B-16": _clip(512, 224, 16, 768, 12, 512, 8, 12),
+    "ViT-L-14": _clip(768, 224, 14, 1024, 24, 768, 12, 12),
+    "ViT-L-14-336": _clip(768, 336, 14, 1024, 24, 768, 12, 12),
+    "ViT-H-14": _clip(1024, 224, 14, 1280, 32, 1024, 16, 24, head_width=80),
+    "ViT-g-14": _clip(1024, 224, 14, 1408, 40, 1024, 16, 24, head_width=88,
+                      mlp_ratio=4.3637),
+    "ViT-bigG-14": _clip(1280, 224, 14, 1664, 48, 1280, 20, 32,
+                         head_width=104, mlp_ratio=4.9231),
+}
+# open_clip registers a '-quickgelu' twin of these (same shapes).
+_QUICKGELU = ("ViT-B-32", "ViT-B-16", "ViT-L-14", "ViT-L-14-336", "ViT-H-14",
+              "ViT-bigG-14")
+
+# open_clip model name -> its config. tests/test_convert_open_clip.py checks
+# every entry against open_clip.get_model_config when open_clip is
+# installed.
+ARCHS = dict(_BASES)
+ARCHS.update({f"{n}-quickgelu": dict(_BASES[n], quick_gelu=True)
+              for n in _QUICKGELU})
+# The small random CLIP of tests/fixtures/ref_open_clip.py: tiny towers, a
+# 1615-id vocabulary (open_clip's tokenizer on the fixture's own small merges
+# file: OpenAI's 49408 x width embedding would not fit a fixture), QuickGELU
+# as OpenAI's weights, and an mlp_ratio of 2 so that a transposed MLP weight
+# cannot go unnoticed.
+ARCHS["ViT-test"] = _clip(32, 32, 8, 64, 2, 64, 2, 2, head_width=32,
+                          mlp_ratio=2.0, context_length=16, vocab_size=1615,
+                          quick_gelu=True, text_mlp_ratio=2.0)
+
+# Buffers and bookkeeping entries that are not parameters: the causal mask
+# (florax builds its own) and the integers OpenAI's checkpoints carry.
+IGNORE = (r"attn_mask", r"visual\.attn_mask", r"input_resolution",
+          r"context_length", r"vocab_size")
+
+
+def arch_entry(arch: str) -> dict:
+  if arch not in ARCHS:
+    raise ValueError(f"unknown open_clip arch {arch!r}; known: "
+                     f"{', '.join(sorted(ARCHS))} (OpenAI's weights need a "
+                     "'-quickgelu' name)")
+  return ARCHS[arch]
+
+
+def arch_config(arch: str, image_size: int | None = None,
+                eos_id: int | None = None):
+  """(ViTConfig, TextConfig, embed_dim) of an open_clip model name;
+  `image_size` overrides the pretrained resolution; `eos_id` (default the
+  vocabulary's last id, open_clip's <end_of_text>) is where text pools."""
+  # Model code (jax) only here: the tables above load without it.
+  from florax.models import text as text_lib  # pylint: disable=g-import-not-at-top
+  from florax.models import vit  # pylint: disable=g-import-not-at-top
+  entry = arch_entry(arch)
+  v, t = entry["vision"], entry["text"]
+  act = "quick_gelu" if entry["quick_gelu"] else "gelu"
+  image = vit.ViTConfig(
+      image_size=int(image_size or v["image_size"]),
+      patch_size=v["patch_size"], width=v["width"], depth=v["layers"],
+      num_heads=v["width"] // v["head_width"],
+      # open_clip: mlp_width = int(width * mlp_ratio)
+      mlp_dim=int(v["width"] * v["mlp_ratio"]), class_token=True,
+      pre_norm=True, patch_bias=False, pool="cls", fc_norm=False,
+      qkv_bias="full", layer_scale=None, act=act, norm_eps=1e-5)
+  vit.validate(image)
+  text = text_lib.TextConfig(
+      vocab_size=t["vocab_size"], width=t["width"], depth=t["layers"],
+      num_heads=t["heads"], max_len=t["context_length"],
+      mlp_ratio=t["mlp_ratio"], causal=True,
+      eos_id=int(t["vocab_size"] - 1 if eos_id is None else eos_id),
+      pad_id=None, act=act, norm_eps=1e-5, qkv_bias="full")
+  text_lib.validate(text)
+  return image, text, entry["embed_dim"]
+
+
+def _tower_rules(src: str, dst: str) -> list[common.Rule]:
+  """open_clip's `Transformer.resblocks` (torch MultiheadAttention) ->
+  florax encoder blocks."""
+  blk = src + r"transformer\.resblocks\.(\d+)\."
+  out = dst + r"/encoder/block\1/"
+  return [
+      common.Rule(blk + r"ln_1\.weight", out + "norm1/scale"),
+      common.Rule(blk + r"ln_1\.bias", out + "norm1/bias"),
+      # MultiheadAttention's fused in_proj (3D, D): q, k, v stacked, each
+      # with its heads in (heads, head_dim) order -> (D, 3, heads, head_dim).
+      common.Rule(blk + r"attn\.in_proj_weight", out + "attn/qkv/kernel",
+                  common.LINEAR),
+      common.Rule(blk + r"attn\.in_proj_bias", out + "attn/qkv/bias",
+                  common.FLAT),
+      common.Rule(blk + r"attn\.out_proj\.weight", out + "attn/proj/kernel",
+                  common.linear(2)),
+      common.Rule(blk + r"attn\.out_proj\.bias", out + "attn/proj/bias"),
+      common.Rule(blk + r"ls_1\.gamma", out + "ls1"),
+      common.Rule(blk + r"ln_2\.weight", out + "norm2/scale"),
+      common.Rule(blk + r"ln_2\.bias", out + "norm2/bias"),
+      common.Rule(blk + r"mlp\.c_fc\.weight", out + "mlp/fc1/kernel",
+                  common.LINEAR),
+      common.Rule(blk + r"mlp\.c_fc\.bias", out + "mlp/fc1/bias"),
+      common.Rule(blk + r"mlp\.c_proj\.weight", out + "mlp/fc2/kernel",
+                  common.LINEAR),
+      common.Rule(blk + r"mlp\.c_proj\.bias", out + "mlp/fc2/bias"),
+      common.Rule(blk + r"ls_2\.gamma", out + "ls2"),
+  ]
+
+
+def rules() -> list[common.Rule]:
+  """The mapping table from open_clip names to florax flat names."""
+  i, t = IMAGE, TEXT
+  return [
+      common.Rule(r"visual\.conv1\.weight", f"{i}/patch_embed/kernel",
+                  common.CONV2D),
+      # (D,) -> (1, 1, D)
+      common.Rule(r"visual\.class_embedding", f"{i}/cls_token", common.FLAT),
+      # (1 + g*g, D), the class position first; interpolated at another
+      # resolution.
+      common.Rule(r"visual\.positional_embedding", f"{i}/pos_embed",
+                  common.POS_EMBED_2D),
+      common.Rule(r"visual\.ln_pre\.weight", f"{i}/norm_pre/scale"),
+      common.Rule(r"visual\.ln_pre\.bias", f"{i}/norm_pre/bias"),
+      *_tower_rules(r"visual\.", i),
+      common.Rule(r"visual\.ln_post\.weight", f"{i}/norm/scale"),
+      common.Rule(r"visual\.ln_post\.bias", f"{i}/norm/bias"),
+      common.Rule(r"visual\.proj", "image_proj/kernel"),
+      common.Rule(r"token_embedding\.weight", f"{t}/token_embed/embedding"),
+      # A sequence, not a grid: never interpolated (a mismatch is an error).
+      common.Rule(r"positional_embedding", f"{t}/pos_embed"),
+      *_tower_rules("", t),
+      common.Rule(r"ln_final\.weight", f"{t}/norm/scale"),
+      common.Rule(r"ln_final\.bias", f"{t}/norm/bias"),
+      common.Rule(r"text_projection", "text_proj/kernel"),
+      common.Rule(r"logit_scale", "logit_scale"),
+  ]
+
+
+def model_config(image, text, embed_dim: int) -> dict:
+  """`config.model` of the florax TwoTower (florax.models.two_tower) from a
+  ViTConfig and a TextConfig."""
+  return {"image": dict(arch="vit", **dataclasses.asdict(image)),
+          "text": dataclasses.asdict(text), "embed_dim": int(embed_dim),
+          # Irrelevant once logit_scale is loaded; kept for init.
+          "init_temperature": 0.07, "dtype": "float32", "num_classes": 0}
+
+
+def target_shapes(model_cfg: dict) -> dict[str, tuple]:
+  """{flat name: shape} of the TwoTower `model_cfg` describes."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  from florax.models import two_tower  # pylint: disable=g-import-not-at-top
+  model = two_tower.from_config(ml_collections.ConfigDict(model_cfg))
+  s, length = model_cfg["image"]["image_size"], model_cfg["text"]["max_len"]
+  return common.target_shapes(model, inputs=(
+      jax.ShapeDtypeStruct((1, s, s, 3), jnp.float32),
+      jax.ShapeDtypeStruct((1, length), jnp.int32)))
+
+
+def convert_state_dict(state_dict: Mapping[str, np.ndarray], arch: str,
+                       image_size: int | None = None,
+                       allow_missing: Iterable[str] = (), *,
+                       eos_id: int | None = None, shapes_only: bool = False):
+  """An open_clip CLIP state dict as florax params.
+
+  Args:
+    state_dict: {open_clip name: array} (`common.read_checkpoint`).
+    arch: an open_clip model name (ARCHS), e.g. 'ViT-B-16' or
+      'ViT-B-16-quickgelu' (OpenAI's weights).
+    image_size: the resolution to build for (default: the arch's); the
+      image position embedding is interpolated when it differs.
+    allow_missing: fnmatch patterns over open_clip names to drop and florax
+      names to leave freshly initialised.
+    eos_id: the tokenizer's end-of-text id, where the text tower pools
+      (default: the vocabulary's last id, open_clip's <end_of_text>).
+    shapes_only: check names and shapes only; the params are then
+      {name: shape}.
+
+  Returns:
+    (model config dict, {florax flat name: float32 array}, common.Report).
+    The config dict holds 'family' ('clip'), 'model' (`config.model` of the
+    TwoTower), 'image_size' and 'max_len'.
+  Raises:
+    common.ConversionError when the state dict does not fit the arch.
+  """
+  image, text, embed_dim = arch_config(arch, image_size, eos_id)
+  model = model_config(image, text, embed_dim)
+  params, report = common.convert(
+      state_dict, rules(), target_shapes(model),
+      allow_missing=tuple(allow_missing), ignore=IGNORE,
+      source=f"open_clip {arch}", shapes_only=shapes_only)
+  # C order: safetensors.numpy.save_file writes a Fortran-ordered array
+  # (a transposed torch weight) as its raw memory, i.e. transposed back.
+  params = {k: np.asarray(v, order="C") if isinstance(v, np.ndarray) else v
+            for k, v in params.items()}
+  config = {"family": "clip", "model": model,
+            "image_size": image.image_size, "max_len": text.max_len}
+  return config, params, report
