@@ -23,7 +23,7 @@ import collections
 import dataclasses
 import json
 import os
-from typing import Any, Sequence
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp

@@ -253,3 +253,19 @@ def test_bad_vit_config_errors():
     vit.validate(vit.config_for("tiny/8", image_size=32, qkv_bias="k"))
   with pytest.raises(ValueError, match="need a token grid"):
     transformer.validate(transformer.EncoderConfig(8, 1, 2, 8, rope=True))
+
+
+def test_every_param_has_logical_axis_names():
+  """Sharding rules map logical names to mesh axes: a param without them
+  would silently stay replicated."""
+  cfg = vit.config_for("tiny/8", image_size=32, qkv_bias="qv", layer_scale=0.1,
+                       rel_pos_bias="layer", act="swiglu", sub_ln=True,
+                       scan=True, pool="mean", fc_norm=True)
+  boxed = jax.eval_shape(vit.ViT(cfg).init, jax.random.key(0),
+                         jnp.zeros((1, 32, 32, 3)))["params"]
+  leaves = jax.tree.leaves(boxed, is_leaf=lambda x: isinstance(
+      x, nn.LogicallyPartitioned))
+  assert leaves
+  for leaf in leaves:
+    assert isinstance(leaf, nn.LogicallyPartitioned)
+    assert len(leaf.names) == leaf.value.ndim, leaf.names

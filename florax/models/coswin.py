@@ -21,7 +21,6 @@ from typing import Any, Sequence
 
 import flax.linen as nn
 import jax.numpy as jnp
-import numpy as np
 
 from florax.models import layers, windows
 from kernels.window_attention import window_attention
