@@ -48,7 +48,9 @@ import ml_collections
 import numpy as np
 
 FORMAT = "florax-export"
-VERSION = 1
+# 2: the manifest names the tokenizer's kind and file (version 1 exports
+# always held florax's SentencePiece tokenizer.model; still read).
+VERSION = 2
 MANIFEST = "manifest.json"
 PARAMS_FILE = "params.safetensors"
 CONFIG_FILE = "config.json"

@@ -93,10 +93,17 @@ def read_manifest(export_dir: str, verify_checksums: bool = False) -> dict:
                       ) from None
   if manifest.get("format") != _FORMAT:
     raise ExportError(f"{path} is not a florax export manifest")
+  if manifest.get("version") == 1:
+    # Version 1 always held florax's SentencePiece model as tokenizer.model.
+    manifest["version"] = _VERSION
+    manifest.update(tokenizer={
+        "kind": "sentencepiece", "file": "tokenizer.model",
+        "vocab_size": manifest.pop("tokenizer_vocab_size")}, source=None,
+                    num_classes=0)
   if manifest.get("version") != _VERSION:
     raise ExportError(
         f"{export_dir} has export format version {manifest.get('version')}; "
-        f"this florax reads version {_VERSION}")
+        f"this florax reads versions 1 and {_VERSION}")
   tok = manifest.get("tokenizer")
   for name in _REQUIRED + ((tok["file"], _TEXT_FN) if tok else ()):
     file = os.path.join(export_dir, name)

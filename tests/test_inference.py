@@ -181,3 +181,24 @@ def test_mismatched_tokenizer_fails_clearly(tmp_path):
   with pytest.raises(inference.ExportError,
                      match="not the tokenizer this model was exported with"):
     inference.load(str(d))
+
+
+def test_version_1_exports_still_load(tmp_path, model):
+  """Exports written before the manifest named its tokenizer (version 1:
+  always florax's tokenizer.model) load and embed the same."""
+  import json  # pylint: disable=g-import-not-at-top
+  d = _copy(tmp_path)
+  manifest = json.loads((d / "manifest.json").read_text())
+  tok = manifest.pop("tokenizer")
+  for key in ("source", "num_classes"):
+    manifest.pop(key)
+  manifest.update(version=1, tokenizer_vocab_size=tok["vocab_size"])
+  (d / "manifest.json").write_text(json.dumps(manifest))
+  old = inference.load(str(d))
+  texts = ["a handwritten 7.", "the digit one"]
+  np.testing.assert_array_equal(old.encode_text(texts),
+                                model.encode_text(texts))
+  manifest["version"] = 7
+  (d / "manifest.json").write_text(json.dumps(manifest))
+  with pytest.raises(inference.ExportError, match="versions 1 and 2"):
+    inference.load(str(d))
