@@ -3,6 +3,7 @@
   source       arch names                          module
   timm         vit_* (VisionTransformer)           florax.convert.timm_vit
                swin_* (SwinTransformer)            florax.convert.timm_swin
+               eva*, eva02_* (Eva: EVA, EVA-02)    florax.convert.timm_eva
   open_clip    ViT-B-16, ViT-L-14-quickgelu, ...   florax.convert.open_clip
   hf, torchscale                                   not yet (BEiT-3 / FLAVA)
 
@@ -28,7 +29,8 @@ SOURCES = ("timm", "open_clip", "hf", "torchscale")
 NOT_YET = {"hf": "Hugging Face checkpoints", "torchscale": "torchscale"}
 
 # timm arch name prefixes -> converter module.
-_TIMM_FAMILIES = (("vit_", "timm_vit"), ("swin_", "timm_swin"))
+_TIMM_FAMILIES = (("vit_", "timm_vit"), ("swin_", "timm_swin"),
+                  ("eva", "timm_eva"))
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -75,8 +77,8 @@ def module_for(source: str, arch: str):
       if arch.startswith(prefix):
         return importlib.import_module(f"florax.convert.{name}")
     raise ValueError(
-        f"timm arch {arch!r} is neither a ViT (vit_*) nor a Swin (swin_*) "
-        "model; those are the timm families florax imports")
+        f"timm arch {arch!r} is not a ViT (vit_*), Swin (swin_*) or EVA "
+        "(eva*) model; those are the timm families florax imports")
   raise ValueError(f"unknown weight source {source!r}; choose one of "
                    f"{SOURCES}")
 

@@ -11,7 +11,9 @@ Florence's text tower are this block with options, not copies of it:
                  CLIP), "gelu_tanh", "swiglu" (EVA-02: silu(gate) * up)
   sub_ln         an extra LayerNorm on the attention output before its
                  projection and on the MLP hidden before fc2 (EVA-02's
-                 inner_attn_ln / ffn_ln, Magneto's sub-LN)
+                 inner_attn_ln / ffn_ln, Magneto's sub-LN); "mlp" or "attn"
+                 puts it in one place only (timm's EVA-02 classifiers:
+                 scale_mlp without scale_attn_inner)
   rel_pos_bias   "none", "layer" (a BEiT table per block), "shared" (one
                  table for the whole encoder, BEiT's shared_rel_pos_bias)
   rope           2-D rotary embedding of the grid tokens (EVA-02)
@@ -43,6 +45,8 @@ from florax.models import layers
 
 QKV_BIAS = ("full", "qv", "none")
 ACTIVATIONS = ("gelu", "quick_gelu", "gelu_tanh", "swiglu")
+# True = both places; a string = that place only.
+SUB_LN = (False, True, "attn", "mlp")
 REL_POS_BIAS = ("none", "layer", "shared")
 # Finite, so a query row with no visible key gives a uniform softmax rather
 # than NaN (a padding query; its output is never used).
@@ -58,7 +62,7 @@ class EncoderConfig:
   qkv_bias: str = "full"
   layer_scale: Optional[float] = None
   act: str = "gelu"
-  sub_ln: bool = False
+  sub_ln: bool | str = False
   norm_eps: float = 1e-5
   rel_pos_bias: str = "none"
   rope: bool = False
@@ -94,6 +98,8 @@ def validate(cfg: EncoderConfig, layout: TokenLayout | None = None,
                                  ("xla", "cudnn"))):
     if value not in options:
       raise ValueError(f"{where}: {field}={value!r} is not one of {options}")
+  if cfg.sub_ln not in SUB_LN:
+    raise ValueError(f"{where}: sub_ln={cfg.sub_ln!r} is not one of {SUB_LN}")
   if cfg.depth < 1 or cfg.mlp_dim < 1:
     raise ValueError(f"{where}: depth and mlp_dim must be positive")
   layers.maybe_remat(nn.Module, cfg.remat)
@@ -104,6 +110,13 @@ def validate(cfg: EncoderConfig, layout: TokenLayout | None = None,
   if cfg.rope and (cfg.width // cfg.num_heads) % 4:
     raise ValueError(f"{where}: 2-D rope needs a head dim divisible by 4, "
                      f"got {cfg.width // cfg.num_heads}")
+
+
+def has_sub_ln(cfg: EncoderConfig, where: str) -> bool:
+  """Whether the sub-LN sits in `where` ('attn' or 'mlp')."""
+  if isinstance(cfg.sub_ln, str):
+    return cfg.sub_ln == where
+  return bool(cfg.sub_ln)
 
 
 # -- masks --------------------------------------------------------------------
@@ -226,7 +239,7 @@ class Attention(nn.Module):
         q, k, v, bias=None if bias is None else bias.astype(q.dtype),
         mask=mask, scale=head_dim ** -0.5,
         implementation=None if cfg.attention_impl == "xla" else "cudnn")
-    if cfg.sub_ln:
+    if has_sub_ln(cfg, "attn"):
       b, n = out.shape[:2]
       out = layers.layer_norm(name="norm", epsilon=cfg.norm_eps)(
           out.reshape(b, n, -1)).astype(self.dtype).reshape(out.shape)
@@ -256,7 +269,7 @@ class FeedForward(nn.Module):
       h = nn.silu(gate) * h
     else:
       h = activation(cfg.act)(h)
-    if cfg.sub_ln:
+    if has_sub_ln(cfg, "mlp"):
       h = layers.layer_norm(name="norm", axis_name="mlp",
                             epsilon=cfg.norm_eps)(h).astype(self.dtype)
     h = nn.with_logical_constraint(h, ("batch", "length", "mlp"))
