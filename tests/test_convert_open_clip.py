@@ -1,4 +1,5 @@
-"""open_clip CLIP weights on florax's TwoTower (ViT + text transformer).
+"""open_clip CLIP and EVA-CLIP weights on florax's TwoTower (ViT + text
+transformer).
 
 Parity against open_clip's own outputs for a small random CLIP (committed in
 tests/fixtures/open_clip/ by tests/fixtures/ref_open_clip.py; regenerated
@@ -8,7 +9,18 @@ first block's output of each tower. Full-size ViT-B-16 / ViT-L-14 /
 ViT-B-32 names, shapes and parameter counts (recorded from open_clip); with
 open_clip installed, every arch of the table against open_clip's own model
 configs. Strict errors, and the image position embedding at another
-resolution."""
+resolution.
+
+EVA-CLIP (open_clip's CustomTextCLIP with a timm Eva trunk): parity against
+a small random open_clip EVA-CLIP built through open_clip's own timm path
+(tests/fixtures/eva_clip/ by ref_eva_clip.py; live when open_clip is
+installed): embeddings, logit scale, every trunk block, the first text
+block, the tower's normed tokens against timm's final-norm output (the trunk
+head, bias included, is image_proj as it is: nothing shifted) and rope on a
+grid other than its reference grid. Full-size EVA02-B-16 / EVA01-g-14
+layouts, the arch table against open_clip's EVA configs, the post-norm
+EVA02-E refused by name, other resolutions, and `launch.import_weights` end
+to end. TwoTower's `image_proj_bias` option: off, the params of before."""
 
 import json
 import os
@@ -21,9 +33,11 @@ import pytest
 
 from florax.convert import common
 from florax.convert import open_clip as oc
+from florax.convert import timm_eva
 from florax.data import tokenizer as tok_lib
 from florax.export import unflatten_params
 from florax.models import two_tower
+from tests.fixtures import ref_eva_clip as eva_ref
 from tests.fixtures import ref_open_clip as ref
 from tests.fixtures import torch_env
 
@@ -60,18 +74,21 @@ def run_florax():
                               mutable=["intermediates"])
         txt, st = model.apply({"params": p}, t, method=model.encode_text,
                               mutable=["intermediates"])
+        # The image tower's aux output: its final-normed tokens.
+        tokens = model.apply({"params": p}, x, method=lambda m, x: (
+            m.image_encoder(x, True)[1]["tokens"]))
         return (img, txt, model.apply({"params": p},
                                       method=model.logit_scale),
-                si["intermediates"], st["intermediates"])
+                si["intermediates"], st["intermediates"], tokens)
       cache[key] = jax.jit(apply)
-    img, txt, scale, si, st = cache[key](
+    img, txt, scale, si, st, tokens = cache[key](
         unflatten_params(params), jnp.asarray(images), jnp.asarray(ids))
     out = {"image_features": np.asarray(img), "text_features": np.asarray(txt),
-           "scale": float(scale),
-           "image_block0": np.asarray(
-               si["image_encoder"]["encoder"]["block0"]["out"][0]),
+           "image_tokens": np.asarray(tokens), "scale": float(scale),
            "text_block0": np.asarray(
                st["text_encoder"]["encoder"]["block0"]["out"][0])}
+    for name, block in si["image_encoder"]["encoder"].items():
+      out[f"image_{name}"] = np.asarray(block["out"][0])
     return out, (config, params, report)
 
   return run
@@ -82,6 +99,7 @@ def _check_parity(run_florax, state, io):
       state, ref.images_float(io["images_u8"]), io["ids"])
   assert not report.resized
   assert config["model"]["text"]["eos_id"] == ref.VOCAB_SIZE - 1
+  assert config["model"]["image_proj_bias"] is False  # CLIP's proj has none
   for name in ("image_features", "text_features", "image_block0",
                "text_block0"):
     np.testing.assert_allclose(out[name], io[name], rtol=0, atol=ATOL,
@@ -163,7 +181,7 @@ def test_every_arch_matches_open_clip_configs():
   open_clip = torch_env.require_open_clip()
   import torch  # pylint: disable=g-import-not-at-top
   for arch, entry in oc.ARCHS.items():
-    if arch == ref.ARCH:
+    if arch == ref.ARCH or oc.is_eva(entry):  # EVA: its own test below
       continue
     cfg = open_clip.get_model_config(arch)
     assert cfg is not None, arch
@@ -249,3 +267,303 @@ def test_image_position_embedding_resized_text_not(fixture, run_florax):
   # The text tower is untouched by the image size.
   np.testing.assert_allclose(out["text_features"], io["text_features"],
                              atol=ATOL)
+
+
+# -- EVA-CLIP ------------------------------------------------------------------
+
+def _load_eva(fixture_dir, tmp_dir):
+  state = common.read_checkpoint(eva_ref.gunzip_state(fixture_dir, tmp_dir))
+  io = dict(np.load(os.path.join(fixture_dir, eva_ref.IO_FILE)))
+  with open(os.path.join(fixture_dir, eva_ref.META_FILE)) as f:
+    meta = json.load(f)
+  return state, io, meta
+
+
+@pytest.fixture(scope="module")
+def eva_fixture(tmp_path_factory):
+  return _load_eva(eva_ref.FIXTURE_DIR, str(tmp_path_factory.mktemp("eva")))
+
+
+def _check_eva_parity(run_florax, state, io):
+  out, (config, params, report) = run_florax(
+      state, eva_ref.images_float(io["images_u8"]), io["ids"],
+      arch=eva_ref.ARCH)
+  assert not report.resized
+  assert config["model"]["image_proj_bias"] is True
+  depth = config["model"]["image"]["depth"]
+  # image_tokens: the tower's normed tokens against timm's trunk
+  # forward_features (its final norm on every token); the head's bias is
+  # image_proj/bias, not folded into that norm, so they agree.
+  names = ["image_features", "text_features", "text_block0",
+           "image_tokens"] + [f"image_block{i}" for i in range(depth)]
+  diffs = {n: float(np.abs(out[n] - io[n]).max()) for n in names}
+  assert max(diffs.values()) <= ATOL, diffs
+  np.testing.assert_allclose(out["image_tokens"][:, 0], io["image_pooled"],
+                             rtol=0, atol=ATOL)
+  np.testing.assert_allclose(out["scale"], np.exp(io["logit_scale"]),
+                             rtol=1e-6)
+  # The head and the final norm are copied as they are (fp16 values: exact).
+  for src, dst in (("visual.trunk.head.bias", "image_proj/bias"),
+                   ("visual.trunk.norm.bias", "image_encoder/norm/bias")):
+    np.testing.assert_array_equal(params[dst], state[src], err_msg=dst)
+  assert ("visual.trunk.head.bias", "image_proj/bias") in {
+      m[:2] for m in report.mapped}
+  assert not report.notes and not report.fresh
+  # Outputs and the head's bias of a useful size: atol 1e-4 means something
+  # (without the bias the image features would be off by far more).
+  for name in ("image_features", "text_features", "image_tokens"):
+    assert np.abs(io[name]).max() > 0.1, name
+  assert np.abs(state["visual.trunk.head.bias"]).max() > 100 * ATOL
+  return diffs
+
+
+def test_eva_clip_parity_with_committed_open_clip_outputs(eva_fixture,
+                                                          run_florax):
+  state, io, _ = eva_fixture
+  _check_eva_parity(run_florax, state, io)
+
+
+def test_eva_clip_fixture_is_eva02_clip(eva_fixture):
+  """The fixture has what EVA02-CLIP-B/16 has, and converts to it: separate
+  q/k/v with q/v bias, SwiGLU, sub-LN in attention and MLP, class-token
+  pooling with a final norm, the head as projection, rope on a grid other
+  than its reference grid; the CLIP text tower with exact GELU."""
+  state, _, _ = eva_fixture
+  for name in ("visual.trunk.blocks.0.attn.q_proj.weight",
+               "visual.trunk.blocks.0.attn.q_proj.bias",
+               "visual.trunk.blocks.0.attn.v_proj.bias",
+               "visual.trunk.blocks.0.attn.norm.weight",
+               "visual.trunk.blocks.0.mlp.fc1_g.weight",
+               "visual.trunk.blocks.0.mlp.norm.weight",
+               "visual.trunk.norm.weight", "visual.trunk.head.bias",
+               "text.token_embedding.weight", "text.text_projection"):
+    assert name in state, name
+  assert not any("fc_norm" in k or "k_proj.bias" in k for k in state)
+  config, _, _ = oc.convert_state_dict(state, eva_ref.ARCH, shapes_only=True)
+  img, txt = config["model"]["image"], config["model"]["text"]
+  assert (img["sub_ln"], img["act"], img["qkv_bias"], img["pool"]) == (
+      True, "swiglu", "qv", "cls")
+  assert img["image_size"] // img["patch_size"] == 4
+  assert tuple(img["rope_ref_grid"]) == (5, 5)
+  assert (txt["act"], txt["eos_id"], txt["pad_id"]) == (
+      "gelu", eva_ref.VOCAB_SIZE - 1, None)
+
+
+def test_eva_clip_florax_tokenizer_gives_open_clip_ids(eva_fixture):
+  _, io, meta = eva_fixture
+  tok = tok_lib.from_file(eva_ref.MERGES, kind="clip_bpe")
+  ids = tok.encode_batch(meta["texts"], io["ids"].shape[1])
+  np.testing.assert_array_equal(ids, io["ids"])
+
+
+def test_eva_clip_parity_live_against_open_clip(tmp_path, run_florax):
+  """Regenerates the fixture with the installed open_clip/timm and
+  compares; the committed one is what they produce."""
+  torch_env.require_open_clip()
+  torch_env.require_timm()
+  out = eva_ref.make(str(tmp_path / "fixture"), full_size=False)
+  state, io, _ = _load_eva(out, str(tmp_path))
+  _check_eva_parity(run_florax, state, io)
+  _, committed, _ = _load_eva(eva_ref.FIXTURE_DIR, str(tmp_path))
+  np.testing.assert_array_equal(io["ids"], committed["ids"])
+  for name in ("image_features", "text_features", "image_tokens"):
+    np.testing.assert_allclose(io[name], committed[name], atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", eva_ref.FULL_SIZE_ARCHS)
+def test_eva_clip_full_size_names_and_shapes(eva_fixture, arch):
+  """Every tensor of a full-size open_clip EVA-CLIP (names and shapes
+  recorded from open_clip) is mapped, nothing is left over, and the
+  parameter counts agree (the head's bias is image_proj/bias)."""
+  layout = eva_fixture[2]["full_size"][arch]
+  config, shapes, report = oc.convert_state_dict(
+      _shapes(layout["keys"]), arch, shapes_only=True)
+  assert not report.dropped and not report.resized and not report.ignored
+  model = config["model"]
+  embed = model["embed_dim"]
+  assert sum(int(np.prod(s)) for s in shapes.values()) == layout[
+      "param_count"]
+  assert layout["keys"]["visual.trunk.head.bias"] == [embed]
+  assert shapes["image_proj/bias"] == (embed,)
+  assert model["image_proj_bias"] is True
+  assert model["text"]["vocab_size"] == 49408 and model["text"]["act"] == (
+      "gelu")
+  img = model["image"]
+  if arch == "EVA02-B-16":  # a 14x14 grid on timm's 16x16 rope reference
+    assert (img["image_size"] // img["patch_size"],
+            tuple(img["rope_ref_grid"])) == (14, (16, 16))
+    assert img["sub_ln"] is True and img["act"] == "swiglu"
+  else:
+    assert not img["rope"] and img["act"] == "gelu" and img["pool"] == "cls"
+
+
+def test_every_eva_arch_matches_open_clip_configs():
+  """Each EVA-CLIP entry against open_clip's own model config: the vision
+  trunk and its pooling/projection, the text tower; EVA02-E is in open_clip
+  and refused here by name."""
+  open_clip = torch_env.require_open_clip()
+  for arch, entry in oc.EVA_ARCHS.items():
+    if arch == eva_ref.ARCH:
+      continue
+    cfg = open_clip.get_model_config(arch)
+    assert cfg is not None, arch
+    assert cfg.get("custom_text") is True, arch
+    assert cfg["embed_dim"] == entry["embed_dim"], arch
+    assert cfg.get("quick_gelu", False) == entry["quick_gelu"], arch
+    v = dict(open_clip.model.CLIPVisionCfg(**cfg["vision_cfg"]).__dict__)
+    t = dict(open_clip.model.CLIPTextCfg(**cfg["text_cfg"]).__dict__)
+    for k, want in entry["vision"].items():
+      assert v[k] == want, (arch, "vision", k)
+    for k, want in entry["text"].items():
+      assert t[k] == want, (arch, "text", k)
+    assert (t["pool_type"], t["no_causal_mask"], t["proj_bias"],
+            t["proj_type"], t["embed_cls"], t["ls_init_value"],
+            t["hf_model_name"], v["timm_proj_bias"]) == (
+                "argmax", False, False, "linear", False, None, None,
+                False), arch
+  _check_eva_archs_offline()
+
+
+def _check_eva_archs_offline():
+  trunks = {e["vision"]["timm_model_name"] for e in oc.EVA_ARCHS.values()}
+  for arch, entry in oc.EVA_ARCHS.items():
+    trunk = entry["vision"]["timm_model_name"]
+    if trunk in timm_eva.UNSUPPORTED:
+      with pytest.raises(ValueError, match=f"{arch}.*post-norm"):
+        oc.arch_entry(arch)
+      continue
+    # open_clip does not pass its image_size to timm: the trunk's own size.
+    assert entry["vision"]["image_size"] == timm_eva.ARCHS[trunk][
+        "image_size"], arch
+  assert "eva02_enormous_patch14_clip_224" in trunks
+
+
+def test_eva_clip_routing_and_errors(eva_fixture, fixture):
+  """open_clip's EVA names go through florax.convert like its CLIPs; the
+  post-norm EVA02-E is refused naming the block it needs; a CLIP checkpoint
+  is not an EVA-CLIP one and vice versa; a truncated one names the gap."""
+  from florax import convert as florax_convert  # pylint: disable=g-import-not-at-top
+  _check_eva_archs_offline()
+  state, _, _ = eva_fixture
+  assert florax_convert.module_for("open_clip", "EVA02-B-16") is oc
+  assert {"EVA02-B-16", "EVA01-g-14", "EVA02-E-14"} <= set(
+      florax_convert.known_archs("open_clip"))
+  imported = florax_convert.convert("open_clip", state, eva_ref.ARCH)
+  assert imported.model["image"]["rope_ref_grid"] == (5, 5)
+  assert imported.preprocess["transform"] == "resize_center_crop"
+  with pytest.raises(ValueError, match="EVA02-E-14-plus.*post-norm"):
+    oc.convert_state_dict(state, "EVA02-E-14-plus")
+  with pytest.raises(common.ConversionError) as e:
+    oc.convert_state_dict(state, ref.ARCH)
+  assert "visual.trunk.blocks.0.attn.q_proj.bias" in e.value.unmapped
+  with pytest.raises(common.ConversionError) as e:
+    oc.convert_state_dict(fixture[0], eva_ref.ARCH)
+  assert "visual.conv1.weight" in e.value.unmapped
+  cut = {k: v for k, v in state.items()
+         if not k.startswith(("visual.trunk.blocks.1.attn.", "text.ln_final"))}
+  with pytest.raises(common.ConversionError) as e:
+    oc.convert_state_dict(cut, eva_ref.ARCH)
+  assert "image_encoder/encoder/block1/attn/q_bias" in e.value.missing
+  assert "text_encoder/norm/scale" in e.value.missing
+
+
+def test_eva_clip_at_another_image_size(eva_fixture):
+  """At 48 px the trunk's grid goes 4 -> 6: the position embedding is
+  interpolated (the class position kept), the rope keeps its 5x5 reference
+  as timm does (tests/test_convert_timm_eva.py runs such a model against
+  timm), the text tower is untouched."""
+  state, _, _ = eva_fixture
+  config, params, report = oc.convert_state_dict(state, eva_ref.ARCH,
+                                                 image_size=48)
+  assert report.resized == [("image_encoder/pos_embed", (1, 17, 32),
+                             (37, 32))]
+  img = config["model"]["image"]
+  assert (img["image_size"], tuple(img["rope_ref_grid"])) == (48, (5, 5))
+  np.testing.assert_array_equal(params["image_encoder/pos_embed"][0],
+                                state["visual.trunk.pos_embed"][0, 0])
+  np.testing.assert_array_equal(params["text_encoder/pos_embed"],
+                                state["text.positional_embedding"])
+
+
+def test_eva_clip_import_weights(eva_fixture, tmp_path, capsys):
+  """What `python -m launch.import_weights --source open_clip --arch
+  EVA02-test` does after parsing its flags (tests/test_import_weights_cli.py
+  runs the command itself for a CLIP): the export it writes, rope reference
+  grid included, runs in florax.inference.load, and the unit-norm
+  embeddings of the fixture's images and strings (the export's tokenizer)
+  equal open_clip's."""
+  from florax import convert as florax_convert  # pylint: disable=g-import-not-at-top
+  from florax import inference  # pylint: disable=g-import-not-at-top
+  from launch import import_weights  # pylint: disable=g-import-not-at-top
+  state, io, meta = eva_fixture
+  ckpt = eva_ref.gunzip_state(eva_ref.FIXTURE_DIR, str(tmp_path))
+  tokenizer = import_weights.load_tokenizer("open_clip", eva_ref.MERGES)
+  imported = florax_convert.convert("open_clip", state, eva_ref.ARCH,
+                                    eos_id=tokenizer.eos_id)
+  out = str(tmp_path / "eva")
+  import_weights.write(imported, tokenizer, out, ckpt, [],
+                       platforms=("cpu",))
+  assert "note:" not in capsys.readouterr().out  # nothing folded or dropped
+  # The export keeps the head's bias as image_proj/bias and says so in its
+  # config.json, which inference.load builds the TwoTower from.
+  from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
+  from florax import export  # pylint: disable=g-import-not-at-top
+  with open(os.path.join(out, export.CONFIG_FILE)) as f:
+    assert json.load(f)["model"]["image_proj_bias"] is True
+  np.testing.assert_array_equal(
+      load_file(os.path.join(out, export.PARAMS_FILE))["image_proj/bias"],
+      state["visual.trunk.head.bias"])
+  model = inference.load(out)
+  unit = lambda x: x / np.linalg.norm(x, axis=-1, keepdims=True)
+  np.testing.assert_allclose(
+      model.encode_pixels(eva_ref.images_float(io["images_u8"])),
+      unit(io["image_features"]), atol=ATOL)
+  np.testing.assert_allclose(model.encode_text(meta["texts"]),
+                             unit(io["text_features"]), atol=ATOL)
+  np.testing.assert_allclose(model.logit_scale, np.exp(io["logit_scale"]),
+                             rtol=1e-6)
+
+
+def test_two_tower_image_proj_bias_option():
+  """`model.image_proj_bias`: off (the default, and absent from older
+  configs) the TwoTower has exactly the params of before, no image_proj
+  bias; on, a zero-initialised ('proj',)-named bias that the projection
+  adds; anything but a bool, or a bias without a projection, is refused."""
+  import flax.linen as nn  # pylint: disable=g-import-not-at-top
+  image, text, embed = oc.arch_config(ref.ARCH)
+  cfg = oc.model_config(image, text, embed)
+  assert cfg["image_proj_bias"] is False
+  del cfg["image_proj_bias"]  # a config written before the option existed
+
+  def init(model_cfg):
+    model = two_tower.from_config(ml_collections.ConfigDict(model_cfg))
+    s, length = image.image_size, text.max_len
+    return model, jax.eval_shape(model.init, jax.random.key(0),
+                                 jnp.zeros((1, s, s, 3)),
+                                 jnp.zeros((1, length), jnp.int32))["params"]
+
+  _, old = init(cfg)
+  assert set(old["image_proj"]) == {"kernel"}
+  _, off = init(dict(cfg, image_proj_bias=False))
+  assert jax.tree.structure(off) == jax.tree.structure(old)
+  model, on = init(dict(cfg, image_proj_bias=True))
+  bias = on["image_proj"]["bias"]
+  assert isinstance(bias, nn.Partitioned) and bias.names == ("proj",)
+  assert bias.value.shape == (embed,)
+  # The bias is added: y = x W + b (against numpy).
+  rng = np.random.default_rng(0)
+  w = rng.standard_normal((image.width, embed)).astype(np.float32)
+  b = rng.standard_normal(embed).astype(np.float32)
+  x = rng.standard_normal((3, image.width)).astype(np.float32)
+  params = jax.tree.map(lambda v: jnp.zeros(v.shape, v.dtype),
+                        nn.unbox(on))  # setup needs every param present
+  params["image_proj"] = {"kernel": w, "bias": b}
+  y = model.apply({"params": params}, jnp.asarray(x),
+                  method=lambda m, x: m.image_proj(x))
+  np.testing.assert_allclose(np.asarray(y), x @ w + b, rtol=1e-5, atol=1e-5)
+  with pytest.raises(ValueError, match="image_proj_bias"):
+    two_tower.from_config(ml_collections.ConfigDict(
+        dict(cfg, image_proj_bias="yes")))
+  with pytest.raises(ValueError, match="image_proj_bias.*embed_dim"):
+    two_tower.from_config(ml_collections.ConfigDict(
+        dict(cfg, image_proj_bias=True, embed_dim=0)))

@@ -3,9 +3,15 @@
   source       arch names                          module
   timm         vit_* (VisionTransformer)           florax.convert.timm_vit
                swin_* (SwinTransformer)            florax.convert.timm_swin
-               eva*, eva02_* (Eva: EVA, EVA-02)    florax.convert.timm_eva
+               eva*, eva02_* (Eva: EVA, EVA-02,    florax.convert.timm_eva
+               the EVA-CLIP trunks)
   open_clip    ViT-B-16, ViT-L-14-quickgelu, ...   florax.convert.open_clip
+               EVA01-g-14, EVA02-B-16, EVA02-L-14  (its EVA-CLIP trunks via
+               (EVA-CLIP: timm trunk + CLIP text)   timm_eva's table)
   hf, torchscale                                   not yet (BEiT-3 / FLAVA)
+
+Archs a converter knows but florax cannot express (EVA02-E-14: post-norm
+blocks) are listed and refused with a ValueError naming the missing feature.
 
 `convert(source, state_dict, arch, ...)` returns an `Imported`: the florax
 `config.model`, flat params, the conversion report and the eval-time image

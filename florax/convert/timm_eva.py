@@ -8,9 +8,12 @@ tokens followed by `fc_norm` (no final norm). EVA-02 adds:
 
   * 2-D RoPE on the grid tokens (timm's RotaryEmbeddingCat, 'cat' type,
     interleaved pairs, row then column, theta 10000): florax's `rope`. timm
-    rescales the rope grid to `ref_feat_shape`; florax has no such rescale,
-    so an EVA-02 arch imports only at its pretrained resolution, where the
-    grid equals ref_feat_shape and the two embeddings are identical.
+    scales the rope positions onto `ref_feat_shape` (the MIM pretraining
+    grid, 16x16 for every EVA-02): row i of an h-row grid sits at
+    i * 16 / h. florax's `rope_ref_grid` is that reference, recorded for
+    every rope arch, so the 336/448 px fine-tunes, EVA02-CLIP-B/16's 14x14
+    grid and any `image_size` override match timm (at grid = reference the
+    positions are the plain indices, as before).
   * SwiGLU: either packed (timm GluMlp, `mlp.fc1` of 2F rows, the first F
     the gate: silu(first half) * second half) or split (`mlp.fc1_g` gate,
     `mlp.fc1_x` up); both become florax's mlp/gate + mlp/fc1.
@@ -23,7 +26,11 @@ tokens followed by `fc_norm` (no final norm). EVA-02 adds:
 
 As in florax.convert.timm_vit, the architecture comes from an explicit
 table of timm names (ARCHS), so a checkpoint of another shape fails with
-the list of tensors that do not fit.
+the list of tensors that do not fit. The EVA-CLIP vision trunks
+(`*_clip_*`: class-token pooling, final norm, the head is the CLIP
+projection) are entries too; florax.convert.open_clip reuses this table and
+`rules` for open_clip's EVA-CLIP models. UNSUPPORTED names the timm EVAs
+that need a block florax does not have.
 """
 
 from __future__ import annotations
@@ -46,8 +53,12 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 _BASE = dict(class_token=True, pre_norm=False, patch_bias=True, pool="mean",
              fc_norm=True, qkv_bias="qv", layer_scale=None, act="gelu",
              norm_eps=1e-6, sub_ln=False, rope=False)
-# EVA-02: rope + SwiGLU (timm's mlp_ratio 4 * 2/3 -> int(width * 8/3)).
-_EVA02 = dict(rope=True, act="swiglu")
+# EVA-02: rope + SwiGLU (timm's mlp_ratio 4 * 2/3 -> int(width * 8/3)),
+# rope positions on timm's ref_feat_shape = the 224 px / patch-14 MIM grid.
+_EVA02 = dict(rope=True, act="swiglu", rope_ref_grid=(16, 16))
+# timm global_pool='token' (the *_clip_* trunks, open_clip's EVA-CLIP):
+# the final norm on every token, the class token pooled, no fc_norm.
+TOKEN_POOL = dict(pool="cls", fc_norm=False)
 
 
 def _eva(image_size, patch_size, width, depth, num_heads, mlp_dim,
@@ -69,41 +80,98 @@ ARCHS = {
                                    **_EVA02),
     "eva02_large_patch14_224": _eva(224, 14, 1024, 24, 16, 2730,
                                     sub_ln="mlp", **_EVA02),
+    # Fine-tuned at 336 / 448 px on the 16x16 rope reference (grids 24 and
+    # 32). The default tags of the 448 px models resize with timm's
+    # crop_mode 'squash' (both sides to 448); florax's eval transform
+    # resizes the shorter side and centre-crops: the same for square images.
+    "eva02_tiny_patch14_336": _eva(336, 14, 192, 12, 3, 512, crop_pct=1.0,
+                                   **_EVA02),
+    "eva02_small_patch14_336": _eva(336, 14, 384, 12, 6, 1024, crop_pct=1.0,
+                                    **_EVA02),
+    "eva02_base_patch14_448": _eva(448, 14, 768, 12, 12, 2048, sub_ln="mlp",
+                                   crop_pct=1.0, **_EVA02),
+    "eva02_large_patch14_448": _eva(448, 14, 1024, 24, 16, 2730,
+                                    sub_ln="mlp", crop_pct=1.0, **_EVA02),
+    # EVA-CLIP vision trunks (the head is the CLIP projection, with a bias):
+    # sub-LN in attention and MLP (scale_attn_inner + scale_mlp). B/16's
+    # grid is 14x14 on the 16x16 rope reference.
+    "eva_giant_patch14_clip_224": _eva(224, 14, 1408, 40, 16, 6144,
+                                       **TOKEN_POOL),
+    "eva02_base_patch16_clip_224": _eva(224, 16, 768, 12, 12, 2048,
+                                        sub_ln=True, **TOKEN_POOL, **_EVA02),
+    "eva02_large_patch14_clip_224": _eva(224, 14, 1024, 24, 16, 2730,
+                                         sub_ln=True, **TOKEN_POOL, **_EVA02),
+    "eva02_large_patch14_clip_336": _eva(336, 14, 1024, 24, 16, 2730,
+                                         sub_ln=True, crop_pct=1.0,
+                                         **TOKEN_POOL, **_EVA02),
     # The small random timm models of tests/fixtures/ref_timm_eva.py:
     # 'eva_test' is EVA-01 (qv bias, GELU, layer scale, avg + fc_norm);
     # 'eva02_test' is EVA-02 (rope, split SwiGLU with the MLP sub-LN only).
     "eva_test": _eva(32, 8, 64, 2, 2, 96, layer_scale=0.1),
-    "eva02_test": _eva(32, 8, 64, 2, 2, 96, sub_ln="mlp", **_EVA02),
+    "eva02_test": _eva(32, 8, 64, 2, 2, 96, sub_ln="mlp",
+                       **dict(_EVA02, rope_ref_grid=(4, 4))),
     # Compared live only: eva02_tiny's packed SwiGLU and eva02_base's
     # separate q/k/v projections (the `canonical` rewrites).
-    "eva02_test_packed": _eva(32, 8, 64, 2, 2, 96, **_EVA02),
+    "eva02_test_packed": _eva(32, 8, 64, 2, 2, 96,
+                              **dict(_EVA02, rope_ref_grid=(4, 4))),
+    # The trunk of open_clip 'EVA02-test' (tests/fixtures/ref_eva_clip.py,
+    # which registers it with timm): EVA-CLIP B/16's layout at 32 px, a
+    # 4x4 grid on a 5x5 rope reference (B/16: 14x14 on 16x16).
+    "eva02_clip_test": _eva(32, 8, 32, 2, 2, 85, sub_ln=True, **TOKEN_POOL,
+                            **dict(_EVA02, rope_ref_grid=(5, 5))),
+    # tests/fixtures/ref_timm_eva_rope.py: EVA-02 at 48 px (a 6x6 grid) on
+    # a 4x4 rope reference, as a 448 px fine-tune on the 224 px grid.
+    "eva02_test_ref": _eva(48, 8, 32, 2, 2, 85, sub_ln="mlp",
+                           **dict(_EVA02, rope_ref_grid=(4, 4))),
+}
+
+# timm EVAs whose blocks florax's encoder cannot express: name -> the
+# missing feature (raised as a ValueError naming it).
+UNSUPPORTED = {
+    "eva02_enormous_patch14_clip_224": (
+        "residual post-norm blocks (timm use_post_norm=True, "
+        "EvaBlockPostNorm: x + norm(attn(x)) instead of x + attn(norm(x))); "
+        "florax's encoder is pre-LN only"),
 }
 
 IGNORE = ()
 
 
+def unsupported_error(arch: str, what: str = "", supported=None
+                      ) -> ValueError:
+  """The error for an UNSUPPORTED timm EVA (`what`: how the caller names
+  it, e.g. the open_clip model it is the trunk of; `supported`: the names
+  to suggest instead, default this table's)."""
+  name = arch.split(".")[0]
+  if supported is None:
+    supported = [a for a in ARCHS if "_test" not in a]
+  return ValueError(
+      f"{what or 'timm ' + name} cannot be imported: it needs "
+      f"{UNSUPPORTED[name]}. Supported: {', '.join(sorted(supported))}")
+
+
 def arch_fields(arch: str) -> dict:
   """The ARCHS entry of a timm model name ('.tag' suffixes ignored)."""
   name = arch.split(".")[0]
+  if name in UNSUPPORTED:
+    raise unsupported_error(name)
   if name not in ARCHS:
     raise ValueError(f"unknown timm EVA arch {arch!r}; known: "
                      f"{', '.join(sorted(ARCHS))}")
   return dict(ARCHS[name])
 
 
-def arch_config(arch: str, image_size: int | None = None):
+def arch_config(arch: str, image_size: int | None = None, **overrides):
   """(ViTConfig, image size) of a timm EVA name; `image_size` overrides the
-  pretrained resolution (not for rope archs, see the module docstring)."""
+  pretrained resolution (the position embedding is interpolated; a rope
+  arch keeps its rope_ref_grid, as timm keeps ref_feat_shape when a model
+  is created at another img_size); `overrides` replace ViTConfig fields
+  (open_clip's global_pool='token' on eva_giant_patch14_224)."""
   from florax.models import vit  # pylint: disable=g-import-not-at-top
   fields = arch_fields(arch)
   fields.pop("eval")
-  if image_size is not None and int(image_size) != fields["image_size"]:
-    if fields["rope"]:
-      raise ValueError(
-          f"timm {arch}: image_size {image_size} differs from the pretrained "
-          f"{fields['image_size']}; timm rescales EVA-02's rope grid to its "
-          "ref_feat_shape there, which florax's rope does not, so this arch "
-          "imports only at its own resolution")
+  fields.update(overrides)
+  if image_size is not None:
     fields["image_size"] = int(image_size)
   cfg = vit.ViTConfig(**fields)
   vit.validate(cfg)
@@ -161,8 +229,10 @@ def canonical(state_dict: Mapping, swiglu: bool,
   return out
 
 
-def rules(cfg) -> list[common.Rule]:
-  """The mapping table from (canonical) timm EVA names to florax names."""
+def rules(cfg, head: str = "head") -> list[common.Rule]:
+  """The mapping table from (canonical) timm EVA names to florax names;
+  `head`: the florax module timm's `head` Linear becomes (open_clip's
+  EVA-CLIP: 'image_proj')."""
   p = PREFIX
   blk = r"blocks\.(\d+)\."
   dst = p + r"/encoder/block\1/"
@@ -209,8 +279,8 @@ def rules(cfg) -> list[common.Rule]:
       common.Rule(r"norm\.bias", f"{p}/norm/bias"),
       common.Rule(r"fc_norm\.weight", f"{p}/fc_norm/scale"),
       common.Rule(r"fc_norm\.bias", f"{p}/fc_norm/bias"),
-      common.Rule(r"head\.weight", "head/kernel", common.LINEAR),
-      common.Rule(r"head\.bias", "head/bias"),
+      common.Rule(r"head\.weight", f"{head}/kernel", common.LINEAR),
+      common.Rule(r"head\.bias", f"{head}/bias"),
   ]
 
 
@@ -223,7 +293,7 @@ def convert_state_dict(state_dict: Mapping[str, np.ndarray], arch: str,
   Args and returns as florax.convert.timm_vit.convert_state_dict (family
   'vit'; the config's 'image' holds the ViTConfig fields).
   Raises:
-    ValueError for an unknown arch or an image_size a rope arch cannot take;
+    ValueError for an unknown or UNSUPPORTED arch;
     common.ConversionError when the state dict does not fit the arch.
   """
   from florax.models import vit  # pylint: disable=g-import-not-at-top

@@ -17,6 +17,11 @@ Florence's text tower are this block with options, not copies of it:
   rel_pos_bias   "none", "layer" (a BEiT table per block), "shared" (one
                  table for the whole encoder, BEiT's shared_rel_pos_bias)
   rope           2-D rotary embedding of the grid tokens (EVA-02)
+  rope_ref_grid  None, or the (h, w) grid the rope positions are scaled to
+                 (timm's ref_feat_shape): row i of an h-row grid sits at
+                 i * ref_h / h, so a model pretrained on one grid keeps its
+                 position scale at another resolution (EVA-02 at 448 px,
+                 EVA02-CLIP-B/16's 14x14 grid on a 16x16 reference)
   remat, scan    as everywhere in florax
 
 Masks are boolean, True = may attend, broadcastable to (B, heads, Q, K);
@@ -67,6 +72,8 @@ class EncoderConfig:
   rel_pos_bias: str = "none"
   rope: bool = False
   rope_theta: float = 10000.0
+  # None: positions are the grid indices (the native grid is the reference).
+  rope_ref_grid: Optional[tuple[int, int]] = None
   dropout: float = 0.0
   drop_path_rate: float = 0.0
   remat: str = "none"
@@ -110,6 +117,16 @@ def validate(cfg: EncoderConfig, layout: TokenLayout | None = None,
   if cfg.rope and (cfg.width // cfg.num_heads) % 4:
     raise ValueError(f"{where}: 2-D rope needs a head dim divisible by 4, "
                      f"got {cfg.width // cfg.num_heads}")
+  if cfg.rope_ref_grid is not None:
+    ref = cfg.rope_ref_grid
+    if not cfg.rope:
+      raise ValueError(f"{where}: rope_ref_grid={ref!r} is set but rope is "
+                       "off")
+    if (not isinstance(ref, (tuple, list)) or len(ref) != 2
+        or not all(isinstance(r, (int, np.integer)) and not isinstance(
+            r, bool) and r > 0 for r in ref)):
+      raise ValueError(f"{where}: rope_ref_grid={ref!r} is not two positive "
+                       "ints (rows, columns)")
 
 
 def has_sub_ln(cfg: EncoderConfig, where: str) -> bool:
@@ -167,15 +184,26 @@ def relative_table_size(grid: tuple[int, int]) -> int:
 
 
 def rope_2d(grid: tuple[int, int], head_dim: int, num_prefix: int = 0,
-            theta: float = 10000.0) -> tuple[np.ndarray, np.ndarray]:
+            theta: float = 10000.0, ref_grid: tuple[int, int] | None = None
+            ) -> tuple[np.ndarray, np.ndarray]:
   """(sin, cos), each (N, head_dim), of a 2-D rotary embedding: the first
   half of the head dim rotates with the row, the second with the column,
   in interleaved pairs (x0, x1), (x2, x3), ... at frequencies
-  theta^(-2k/(head_dim/2)). Prefix tokens get angle 0 (no rotation)."""
+  theta^(-2k/(head_dim/2)). Prefix tokens get angle 0 (no rotation).
+
+  ref_grid: None (or equal to `grid`): row i is at position i. Otherwise
+  positions are rescaled onto the reference grid as timm's EVA rope does
+  (timm.layers.pos_embed_sincos._build_grid with ref_feat_shape): row i at
+  i / h * ref_h, column j at j / w * ref_w."""
   h, w = grid
   quarter = head_dim // 4
   freqs = theta ** (-np.arange(quarter) / quarter)               # (d/4,)
-  rows, cols = np.meshgrid(np.arange(h), np.arange(w), indexing="ij")
+  row_pos, col_pos = np.arange(h), np.arange(w)
+  if ref_grid is not None and tuple(ref_grid) != (h, w):
+    # Same order of operations as timm (divide, then multiply), in float64.
+    row_pos = row_pos / h * ref_grid[0]
+    col_pos = col_pos / w * ref_grid[1]
+  rows, cols = np.meshgrid(row_pos, col_pos, indexing="ij")
   angles = np.concatenate([rows.reshape(-1, 1) * freqs,
                            cols.reshape(-1, 1) * freqs], axis=-1)  # (hw, d/2)
   angles = np.repeat(angles, 2, axis=-1)                          # (hw, d)
@@ -351,7 +379,7 @@ class Encoder(nn.Module):
     if cfg.rope:
       rope = tuple(jnp.asarray(a) for a in rope_2d(
           self.layout.grid, cfg.width // cfg.num_heads,
-          self.layout.num_prefix, cfg.rope_theta))
+          self.layout.num_prefix, cfg.rope_theta, cfg.rope_ref_grid))
     rates = layers.drop_path_rates(cfg.drop_path_rate, cfg.depth)
     if cfg.scan:
       stack = nn.scan(

@@ -56,12 +56,20 @@ def has_text(model_cfg) -> bool:
 def from_config(model_cfg) -> "TwoTower":
   """The two-tower described by `config.model`: an image tower by
   `model.image.arch`, the text transformer (absent for an image-only model,
-  e.g. an imported timm classifier), projections to `embed_dim` (0: none)
+  e.g. an imported timm classifier), projections to `embed_dim` (0: none;
+  the image one with a bias when `model.image_proj_bias`, as EVA-CLIP's)
   and an optional classifier head of `num_classes`."""
   if model_cfg.dtype not in DTYPES:
     raise ValueError(f"model.dtype {model_cfg.dtype!r} is not one of "
                      f"{sorted(DTYPES)}")
   dtype = DTYPES[model_cfg.dtype]
+  proj_bias = model_cfg.get("image_proj_bias", False)
+  if not isinstance(proj_bias, bool):
+    raise ValueError(f"model.image_proj_bias must be true or false, got "
+                     f"{proj_bias!r}")
+  if proj_bias and not model_cfg.embed_dim:
+    raise ValueError("model.image_proj_bias is set but model.embed_dim is 0 "
+                     "(no image projection to give a bias)")
   return TwoTower(
       image_encoder=image_encoder(model_cfg, dtype),
       text_encoder=(text.TextTransformer(
@@ -69,7 +77,8 @@ def from_config(model_cfg) -> "TwoTower":
                     if has_text(model_cfg) else None),
       embed_dim=model_cfg.embed_dim,
       init_temperature=model_cfg.get("init_temperature", 0.07),
-      num_classes=model_cfg.get("num_classes", 0))
+      num_classes=model_cfg.get("num_classes", 0),
+      image_proj_bias=proj_bias)
 
 
 class TwoTower(nn.Module):
@@ -79,11 +88,16 @@ class TwoTower(nn.Module):
   init_temperature: float = 0.07
   max_logit_scale: float = 100.0
   num_classes: int = 0
+  # EVA-CLIP's image projection (its timm trunk's `head`) has a bias;
+  # CLIP's and Florence's have none. Off by default, so every model and
+  # checkpoint without it keeps exactly its params.
+  image_proj_bias: bool = False
 
   def setup(self):
     if self.embed_dim:
       self.image_proj = layers.dense(self.embed_dim, ("embed", "proj"),
-                                     use_bias=False, name="image_proj")
+                                     use_bias=self.image_proj_bias,
+                                     name="image_proj")
     if self.text_encoder is not None:
       self.text_proj = layers.dense(self.embed_dim, ("embed", "proj"),
                                     use_bias=False, name="text_proj")

@@ -40,6 +40,9 @@ class ViTConfig:
   norm_eps: float = 1e-6
   sub_ln: bool = False
   rope: bool = False
+  # timm's ref_feat_shape: the grid rope positions are scaled to (None: the
+  # native grid); see transformer.rope_2d.
+  rope_ref_grid: Optional[tuple[int, int]] = None
   rel_pos_bias: str = "none"
   # False: no absolute position embedding (BEiT with relative bias only).
   pos_embed: bool = True
@@ -63,7 +66,8 @@ class ViTConfig:
         mlp_dim=self.mlp_dim, qkv_bias=self.qkv_bias,
         layer_scale=self.layer_scale, act=self.act, sub_ln=self.sub_ln,
         norm_eps=self.norm_eps, rel_pos_bias=self.rel_pos_bias,
-        rope=self.rope, dropout=self.dropout,
+        rope=self.rope, rope_ref_grid=None if self.rope_ref_grid is None
+        else tuple(self.rope_ref_grid), dropout=self.dropout,
         drop_path_rate=self.drop_path_rate, remat=self.remat, scan=self.scan,
         attention_impl=self.attention_impl)
 
@@ -124,7 +128,11 @@ class ViT(nn.Module):
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, images, deterministic: bool = True):
+  def __call__(self, images, deterministic: bool = True, mask=None):
+    """Args: images (B, S, S, 3); mask: optional bool (B, grid*grid),
+    row-major over the patch grid: masked patches are replaced by a learned
+    [MASK] embedding before the position embedding (BEiT, EVA). Calling
+    with a mask creates the `mask_token` param."""
     cfg = self.config
     b, height, width, _ = images.shape
     if (height, width) != (cfg.image_size, cfg.image_size):
@@ -140,6 +148,14 @@ class ViT(nn.Module):
                                                ("embed",)),
         name="patch_embed")(images.astype(self.dtype))
     x = x.reshape(b, -1, cfg.width)
+    if mask is not None:
+      if mask.shape != x.shape[:2]:
+        raise ValueError(f"ViT mask of shape {mask.shape} does not cover the "
+                         f"{x.shape[1]} patches of {b} images")
+      token = self.param("mask_token", nn.with_logical_partitioning(
+          nn.initializers.normal(0.02), (None, None, "embed")),
+                         (1, 1, cfg.width), jnp.float32)
+      x = jnp.where(mask[..., None], token.astype(x.dtype), x)
     if cfg.class_token:
       cls = self.param("cls_token", nn.with_logical_partitioning(
           nn.initializers.normal(1e-6), (None, None, "embed")),
