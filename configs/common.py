@@ -43,6 +43,12 @@ def base_config() -> ml_collections.ConfigDict:
   # layer l of L trains at lr * layer_decay ** (L + 1 - l), embeddings l = 0,
   # heads and final norms l = L + 1 (florax/train/layer_decay.py).
   c.optimizer.layer_decay = 1.0
+  # EMA of the weights kept in the optimizer state, used by evaluation (0 =
+  # off; BEiT/EVA fine-tuning: 0.9999). florax/train/ema.py.
+  c.optimizer.ema_decay = 0.0
+  # Regular expressions over flat param names never updated (no step, no
+  # weight decay): a linear probe's tower, LiT's locked image tower.
+  c.optimizer.freeze = ()
   # Decoupled weight decay skips vectors (biases, norms) by ndim and these by
   # name (regular expressions over flat param names).
   c.optimizer.no_decay_patterns = ("pos_embed", "relative_position_bias",

@@ -42,3 +42,5 @@ def check_config(config: ml_collections.ConfigDict):
     raise ValueError(f"config.optimizer.learning_rate must be > 0, got {lr!r}")
   from florax.train import layer_decay  # pylint: disable=g-import-not-at-top
   layer_decay.check_value(config.optimizer.get("layer_decay", 1.0))
+  from florax.train import ema  # pylint: disable=g-import-not-at-top
+  ema.check_decay(config.optimizer.get("ema_decay", 0.0))

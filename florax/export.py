@@ -293,7 +293,8 @@ def write_export(out_dir: str, config: ml_collections.ConfigDict,
 def export_workdir(config: ml_collections.ConfigDict, workdir: str,
                    out_dir: str, step: int | None = None,
                    dtype: str = "float32",
-                   platforms: Sequence[str] = DEFAULT_PLATFORMS) -> dict:
+                   platforms: Sequence[str] = DEFAULT_PLATFORMS,
+                   ema: bool = False) -> dict:
   """Exports one checkpoint of a training workdir.
 
   Args:
@@ -303,22 +304,33 @@ def export_workdir(config: ml_collections.ConfigDict, workdir: str,
     step: checkpoint step (None: latest).
     dtype: 'float32' or 'bfloat16'.
     platforms: `jax.export` lowering platforms.
+    ema: export the EMA of the weights held in the checkpoint's optimizer
+      state (a run with optimizer.ema_decay > 0) instead of the params.
 
   Returns:
     The manifest.
   """
   from florax import restore, tasks  # pylint: disable=g-import-not-at-top
+  from florax.models import two_tower  # pylint: disable=g-import-not-at-top
   if dtype not in DTYPES:  # fail before any restore
     raise ValueError(f"export dtype {dtype!r} is not one of {DTYPES}")
   task = tasks.build(config, workdir)
-  tok_path = task.tokenizer_path()
-  if not os.path.exists(tok_path):
-    raise FileNotFoundError(
-        f"no tokenizer at {tok_path}: the export needs the tokenizer the "
-        "model was trained with")
-  params, step = restore.restore_params(workdir,
-                                        restore.abstract_params(task), step)
-  return write_export(out_dir, config, params, task.tokenizer, step=step,
+  tokenizer = None
+  if two_tower.has_text(config.model):  # an image-only model has none
+    tok_path = task.tokenizer_path()
+    if not os.path.exists(tok_path):
+      raise FileNotFoundError(
+          f"no tokenizer at {tok_path}: the export needs the tokenizer the "
+          "model was trained with")
+    tokenizer = task.tokenizer
+  abstract = restore.abstract_params(task)
+  if ema:
+    from florax.train import ema as ema_lib  # pylint: disable=g-import-not-at-top
+    params, step = ema_lib.restore_ema_params(workdir, abstract, step)
+  else:
+    params, step = restore.restore_params(workdir, abstract, step)
+  defaults = getattr(task, "zeroshot_defaults", None)
+  return write_export(out_dir, config, params, tokenizer, step=step,
                       dtype=dtype,
                       platforms=platforms, preprocess=task.preprocess_spec(),
-                      zeroshot=task.zeroshot_defaults())
+                      zeroshot=defaults() if defaults else None)

@@ -1,7 +1,7 @@
 """Export a checkpoint for inference (params, config, tokenizer, jax.export).
 
   python -m launch.export --workdir W --out W/export [--step N] \
-      [--dtype bfloat16]          # --config defaults to W/config.json
+      [--dtype bfloat16] [--ema]  # --config defaults to W/config.json
 
 Load the result with `florax.inference.load(OUT)`; see florax/export.py for
 the directory layout.
@@ -23,6 +23,8 @@ _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"],
                            "storage dtype of the exported params")
 _PLATFORMS = flags.DEFINE_list("platforms", ["cpu", "cuda"],
                                "jax.export lowering platforms")
+_EMA = flags.DEFINE_bool("ema", False, "export the EMA of the weights (a run "
+                         "trained with optimizer.ema_decay > 0)")
 
 
 def main(argv):
@@ -33,10 +35,11 @@ def main(argv):
   from florax import export  # pylint: disable=g-import-not-at-top
   manifest = export.export_workdir(_CONFIG.value, _WORKDIR.value, _OUT.value,
                                    _STEP.value, _DTYPE.value,
-                                   tuple(_PLATFORMS.value))
+                                   tuple(_PLATFORMS.value), ema=_EMA.value)
   print(f"florax: exported step {manifest['step']} "
         f"({manifest['num_params'] / 1e6:.2f}M params, "
-        f"{manifest['param_dtype']}, jax.export for "
+        f"{manifest['param_dtype']}{', EMA weights' if _EMA.value else ''}, "
+        f"jax.export for "
         f"{'/'.join(manifest['export_platforms'])}) to {_OUT.value}",
         flush=True)
 

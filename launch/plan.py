@@ -14,6 +14,8 @@ an estimate, while params / gradients / optimizer state are exact layouts.
 Per device, per stage:
   params, grads, opt_state  bytes of the sharded layouts (the ZeRO stage)
   ideal                     the ZeRO paper's 16Ψ, 8Ψ+8Ψ/N, 4Ψ+12Ψ/N, 16Ψ/N
+  frozen                    a teacher's / visual tokenizer's params (fp32,
+                            sharded like params; never optimised)
   temp                      XLA's temporary buffers (gradients + activations)
   total                     arguments + temp + non-aliased outputs
   flops                     one step per device (XLA cost analysis; loops
@@ -95,6 +97,8 @@ def plan_stage(config, stage: int) -> dict:
   params = zero.bytes_per_device(abstract["params"], state_in["params"])
   opt = zero.bytes_per_device(abstract["opt_state"], state_in["opt_state"])
   grads = zero.bytes_per_device(abstract["params"], t.layout.grads)
+  # A teacher / visual tokenizer: an input of every step, never optimised.
+  frozen = zero.bytes_per_device(t.abstract_frozen, t.frozen_shardings)
   mem = compiled.memory_analysis()
   cost = compiled.cost_analysis()
   if isinstance(cost, (list, tuple)):
@@ -107,6 +111,7 @@ def plan_stage(config, stage: int) -> dict:
            + mem.output_size_in_bytes - mem.alias_size_in_bytes)
   return {
       "stage": stage, "num_params": t.num_params,
+      "num_frozen": t.num_frozen, "frozen": frozen,
       "mesh": dict(t.mesh.shape), "data_parallel": n,
       "params": params, "grads": grads, "opt_state": opt,
       "state_total": params + grads + opt,
@@ -135,8 +140,8 @@ def verdict(rows: list[dict], memory_gb: float | None) -> str:
 
 
 def table(rows: list[dict]) -> str:
-  head = ("stage", "params", "grads", "opt_state", "state", "ideal", "temp",
-          "total", "TFLOP/dev")
+  head = ("stage", "params", "grads", "opt_state", "state", "ideal",
+          "frozen", "temp", "total", "TFLOP/dev")
   lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
   for r in rows:
     mib = lambda b: f"{b / 2 ** 20:,.1f} MiB"
@@ -144,7 +149,8 @@ def table(rows: list[dict]) -> str:
     lines.append("| " + " | ".join([
         str(r["stage"]), mib(r["params"]), mib(r["grads"]),
         mib(r["opt_state"]), mib(r["state_total"]),
-        mib(r["ideal_state_total"]), mib(r["temp"]), mib(r["total"]),
+        mib(r["ideal_state_total"]), mib(r["frozen"]), mib(r["temp"]),
+        mib(r["total"]),
         "n/a" if flops is None else f"{flops / 1e12:.3f}"]) + " |")
   return "\n".join(lines)
 
@@ -174,7 +180,9 @@ def main(argv):
                       "verdict": message}, indent=1))
   else:
     r = rows[0]
-    print(f"florax plan: {r['num_params'] / 1e6:.1f}M params on "
+    frozen = (f" + {r['num_frozen'] / 1e6:.1f}M frozen (teacher/tokenizer)"
+              if r["num_frozen"] else "")
+    print(f"florax plan: {r['num_params'] / 1e6:.1f}M params{frozen} on "
           f"{jax.device_count()} devices, mesh {r['mesh']}, batch "
           f"{_CONFIG.value.train.batch_size}")
     print(table(rows))

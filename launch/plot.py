@@ -1,14 +1,16 @@
 """PNG plots of the metrics in a workdir's metrics.jsonl.
 
   python -m launch.plot --workdir W [--metrics train/loss,eval/zeroshot_top1]
-                        [--out DIR]
+                        [--out DIR] [--compare W2,W3 --labels a,b,c]
 
 metrics.jsonl holds one JSON object per line, each with a "step" and any
 number of metrics ("train/loss", "eval/zeroshot_top1", ...); not every line
 has every metric. One PNG per metric is written to DIR (default W/plots),
 named after the metric with every character outside [A-Za-z0-9._-] replaced
 by "_" ("train/loss" -> "train_loss.png"). Without --metrics every metric
-with a numeric value is plotted.
+with a numeric value is plotted. --compare draws the same metrics of other
+runs into the same axes (e.g. a pre-trained init against random init), one
+labelled line per run.
 """
 
 from __future__ import annotations
@@ -81,27 +83,37 @@ def _filename(metric: str) -> str:
 
 
 def plot_metrics(workdir: str, metrics: Sequence[str] | None = None,
-                 out_dir: str | None = None) -> list[str]:
+                 out_dir: str | None = None, compare: Sequence[str] = (),
+                 labels: Sequence[str] | None = None) -> list[str]:
   """Writes one PNG per metric.
 
   Args:
     workdir: directory holding metrics.jsonl.
     metrics: names to plot; None plots every numeric metric.
     out_dir: where the PNGs go; default workdir/plots.
+    compare: more workdirs whose same metrics share each plot.
+    labels: a legend label per run (workdir first); default their paths.
 
   Returns:
     The paths written, in the order of `metrics` (or sorted by name).
   """
-  series = read_metrics(os.path.join(workdir, METRICS_FILE))
+  runs = [workdir, *compare]
+  labels = list(labels) if labels else runs
+  if len(labels) != len(runs):
+    raise ValueError(f"{len(labels)} labels for {len(runs)} runs")
+  all_series = [read_metrics(os.path.join(w, METRICS_FILE)) for w in runs]
+  series = all_series[0]
   if metrics is None:
-    metrics = sorted(series)
+    metrics = sorted(set(series).intersection(*all_series[1:]))
     if not metrics:
-      raise ValueError(f"{workdir}/{METRICS_FILE} has no numeric metrics")
-  missing = [m for m in metrics if m not in series]
-  if missing:
-    raise ValueError(
-        f"metrics {missing} not found in {workdir}/{METRICS_FILE}; "
-        f"available: {sorted(series)}")
+      raise ValueError(f"{workdir}/{METRICS_FILE} has no numeric metrics"
+                       + (" shared by every run" if compare else ""))
+  for w, run_series in zip(runs, all_series):
+    missing = [m for m in metrics if m not in run_series]
+    if missing:
+      raise ValueError(
+          f"metrics {missing} not found in {w}/{METRICS_FILE}; "
+          f"available: {sorted(run_series)}")
   names = {}
   for m in metrics:
     clash = names.setdefault(_filename(m), m)
@@ -113,11 +125,16 @@ def plot_metrics(workdir: str, metrics: Sequence[str] | None = None,
   os.makedirs(out_dir, exist_ok=True)
   written = []
   for m in metrics:
-    steps, values = series[m]
-    order = sorted(range(len(steps)), key=steps.__getitem__)
     fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
-    ax.plot([steps[i] for i in order], [values[i] for i in order],
-            marker="." if len(steps) < 50 else None)
+    values = []
+    for label, run_series in zip(labels, all_series):
+      steps, run_values = run_series[m]
+      order = sorted(range(len(steps)), key=steps.__getitem__)
+      ax.plot([steps[i] for i in order], [run_values[i] for i in order],
+              marker="." if len(steps) < 50 else None, label=label)
+      values += run_values
+    if compare:
+      ax.legend()
     ax.set_xlabel("step")
     ax.set_ylabel(m)
     ax.set_title(m)
@@ -143,12 +160,16 @@ def main(argv: Sequence[str] | None = None) -> int:
                       help="comma-separated metric names (default: all)")
   parser.add_argument("--out", default=None,
                       help="output directory (default: WORKDIR/plots)")
+  parser.add_argument("--compare", default="",
+                      help="comma-separated workdirs drawn into the same plots")
+  parser.add_argument("--labels", default="",
+                      help="comma-separated legend labels, WORKDIR's first")
   args = parser.parse_args(argv)
-  metrics = None
-  if args.metrics:
-    metrics = [m.strip() for m in args.metrics.split(",") if m.strip()]
+  split = lambda v: [x.strip() for x in v.split(",") if x.strip()]
+  metrics = split(args.metrics) if args.metrics else None
   try:
-    paths = plot_metrics(args.workdir, metrics, args.out)
+    paths = plot_metrics(args.workdir, metrics, args.out,
+                         split(args.compare), split(args.labels) or None)
   except (FileNotFoundError, ValueError) as e:
     print(f"launch.plot: error: {e}", file=sys.stderr)
     return 2

@@ -16,9 +16,12 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # subprocesses tests start (kill/resume, two-process runs, CLIs): many tests
 # compile the same tiny Florence step, and on 2 cores compiling dominates.
 # Only compiles of >= 1 s are stored (jax's default threshold).
-_CACHE = tempfile.mkdtemp(prefix="florax-test-xla-cache-")
-os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", _CACHE)
-atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
+# Under pytest-xdist the workers inherit the controller's directory, and
+# only the process that made it removes it.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+  _CACHE = tempfile.mkdtemp(prefix="florax-test-xla-cache-")
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = _CACHE
+  atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
 
 from absl import flags  # noqa: E402
 

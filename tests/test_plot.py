@@ -100,3 +100,28 @@ def test_errors_are_clear(tmp_path, capsys):
   (bad / "metrics.jsonl").write_text('{"a": 1}\n')
   with pytest.raises(ValueError, match="'step'"):
     plot.read_metrics(str(bad / "metrics.jsonl"))
+
+
+def test_compare_draws_every_run_into_one_plot(tmp_path):
+  a, b = tmp_path / "a", tmp_path / "b"
+  a.mkdir()
+  b.mkdir()
+  _write_metrics(a)
+  (b / "metrics.jsonl").write_text("\n".join(
+      json.dumps({"step": s, "eval/zeroshot_top1": 1 - s / 400})
+      for s in range(0, 200, 50)))
+  with pytest.warns(UserWarning):
+    one = plot.plot_metrics(str(a), ["eval/zeroshot_top1"],
+                            str(tmp_path / "one"))
+  with pytest.warns(UserWarning):
+    both = plot.plot_metrics(str(a), None, str(tmp_path / "both"),
+                             compare=[str(b)], labels=["pre", "rand"])
+  # Only the metric both runs have; the second curve (and legend) add ink.
+  assert [os.path.basename(p) for p in both] == ["eval_zeroshot_top1.png"]
+  assert _nonwhite_fraction(both[0]) > _nonwhite_fraction(one[0]) + 0.002
+  with pytest.raises(ValueError, match="2 labels for 3 runs"):
+    plot.plot_metrics(str(a), None, compare=[str(b), str(b)],
+                      labels=["x", "y"])
+  with pytest.raises(ValueError, match="train/loss.*not found in .*b"):
+    with pytest.warns(UserWarning):
+      plot.plot_metrics(str(a), ["train/loss"], compare=[str(b)])

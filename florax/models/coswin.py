@@ -254,7 +254,8 @@ class _ScannedSwinPair(nn.Module):
 
 
 class CoSwin(nn.Module):
-  """Returns (pooled feature (B, C_last), aux with per-stage feature maps)."""
+  """Returns (pooled feature (B, C_last), aux: per-stage feature maps and
+  the normed final map "tokens" (B, H, W, C_last))."""
   config: CoSwinConfig
   dtype: Any = jnp.float32
 
@@ -297,7 +298,8 @@ class CoSwin(nn.Module):
       features.append(x)
     x = layers.layer_norm(name="norm")(x)
     pooled = jnp.mean(x, axis=(1, 2))
-    return pooled, {"stage_features": features}
+    # tokens: the final map after the norm (a teacher's patch features).
+    return pooled, {"stage_features": features, "tokens": x}
 
 
 def resize_relative_position_bias(table, window_size: int):

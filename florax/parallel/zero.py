@@ -94,6 +94,19 @@ def _logical_names(boxed_params: Any) -> Any:
       is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
 
 
+def shard_tree_over_data(boxed: Any, shardings: Any, mesh: Mesh) -> Any:
+  """`shardings` of a boxed tree with every leaf also split over the data
+  axes (`shard_over_data`): ZeRO-3's parameters, and a ZeRO-3 run's frozen
+  teacher, which is only ever all-gathered layer by layer like them."""
+  abstract = nn.unbox(boxed)
+  flat_abs, treedef = jax.tree.flatten(abstract)
+  flat_names = treedef.flatten_up_to(_logical_names(boxed))
+  flat_shard = treedef.flatten_up_to(shardings)
+  return treedef.unflatten([
+      NamedSharding(mesh, shard_over_data(a.shape, s.spec, mesh, n))
+      for a, n, s in zip(flat_abs, flat_names, flat_shard)])
+
+
 def state_layout(boxed_params: Any, param_shardings: Any, tx:
                  optax.GradientTransformation, mesh: Mesh,
                  stage: int) -> StateLayout:
@@ -112,13 +125,7 @@ def state_layout(boxed_params: Any, param_shardings: Any, tx:
     raise ValueError(f"sharding.zero_stage must be one of {STAGES}, got "
                      f"{stage!r}")
   abstract = nn.unbox(boxed_params)
-  names = _logical_names(boxed_params)
-  flat_abs, treedef = jax.tree.flatten(abstract)
-  flat_names = treedef.flatten_up_to(names)
-  flat_shard = treedef.flatten_up_to(param_shardings)
-  sharded = treedef.unflatten([
-      NamedSharding(mesh, shard_over_data(a.shape, s.spec, mesh, n))
-      for a, n, s in zip(flat_abs, flat_names, flat_shard)])
+  sharded = shard_tree_over_data(boxed_params, param_shardings, mesh)
   full = param_shardings
   repl = NamedSharding(mesh, P())
   abstract_opt = jax.eval_shape(tx.init, abstract)

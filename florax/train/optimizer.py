@@ -1,4 +1,5 @@
-"""AdamW with decoupled weight decay, warmup + cosine, gradient clipping.
+"""AdamW with decoupled weight decay, warmup + cosine, gradient clipping;
+optionally layer-wise lr decay, frozen params and an EMA of the weights.
 
 The learning rate is a function of the run's own step (a Florence stage
 started with init_from counts from 0, so each stage has its own warmup and
@@ -31,6 +32,7 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
+from florax.train import ema as ema_lib
 from florax.train import layer_decay as layer_decay_lib
 
 SCHEDULE_FILE = "schedule.json"
@@ -153,6 +155,52 @@ def decay_mask(params: Any, no_decay_patterns: Sequence[str]) -> Any:
   return jax.tree_util.tree_map_with_path(keep, params)
 
 
+def frozen_mask(params: Any, patterns: Sequence[str]) -> Any | None:
+  """True where a param is frozen: its flat name matches one of `patterns`
+  (`optimizer.freeze`, regular expressions searched in names such as
+  'image_encoder/encoder/block0/attn/qkv/kernel'); None when nothing is.
+
+  Raises:
+    ValueError: a pattern is not a valid regular expression, or matches no
+      param (a typo would otherwise silently train what was meant frozen).
+  """
+  if isinstance(patterns, str):
+    patterns = (patterns,)
+  compiled = []
+  for p in patterns or ():
+    try:
+      compiled.append(re.compile(p))
+    except (re.error, TypeError) as e:
+      raise ValueError(f"config.optimizer.freeze: {p!r} is not a regular "
+                       f"expression ({e})") from None
+  if not compiled:
+    return None
+  leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
+  names = ["/".join(str(getattr(k, "key", k)) for k in path)
+           for path, _ in leaves]
+  for c in compiled:
+    if not any(c.search(n) for n in names):
+      raise ValueError(
+          f"config.optimizer.freeze: {c.pattern!r} matches no parameter "
+          f"(names look like {names[0]!r})")
+  return treedef.unflatten([any(c.search(n) for c in compiled)
+                            for n in names])
+
+
+def freeze_updates(mask: Any) -> optax.GradientTransformation:
+  """Zeroes the updates (or gradients) where `mask` is True, exactly;
+  stateless. Frozen params keep their Adam moments (zeros), so every
+  params-shaped tree of the optimizer state stays whole, as ZeRO's layout
+  (optax.tree_map_params) needs; optax.masked would drop them. The price:
+  a linear probe of a large tower still allocates its moments."""
+  def update_fn(updates, state, params=None):
+    del params
+    return jax.tree.map(lambda u, m: jnp.zeros_like(u) if m else u,
+                        updates, mask), state
+  return optax.GradientTransformation(lambda _: optax.EmptyState(),
+                                      update_fn)
+
+
 def build_optimizer(cfg: ml_collections.ConfigDict, total_steps,
                     params: Any) -> tuple[optax.GradientTransformation, Any]:
   """Returns (optimizer, schedule). `params` may be abstract (shapes only).
@@ -162,14 +210,25 @@ def build_optimizer(cfg: ml_collections.ConfigDict, total_steps,
   multiplier (florax/train/layer_decay.py), after adamw so that weight decay
   is scaled too; the optimizer state is the same either way.
 
+  Optional fields (a config without them gets the plain optimizer and the
+  same state tree):
+    freeze: regular expressions over flat param names; a matching param is
+      never updated (no step, no weight decay): a linear probe's tower,
+      LiT's locked image tower.
+    ema_decay: > 0 keeps an EMA of the weights in the optimizer state
+      (florax/train/ema.py; `ema.ema_params(opt_state)` reads it).
+
   Raises:
     ValueError: unknown optimizer, layer_decay outside (0, 1], or < 1 for a
-      model without encoder layers (called before anything compiles).
+      model without encoder layers, ema_decay outside [0, 1), a bad freeze
+      pattern (called before anything compiles).
   """
   if cfg.name != "adamw":
     raise ValueError(f"unknown optimizer {cfg.name!r}; supported: 'adamw'")
   # A config from before the field existed means no decay.
   decay = layer_decay_lib.check_value(cfg.get("layer_decay", 1.0))
+  ema_decay = ema_lib.check_decay(cfg.get("ema_decay", 0.0))
+  frozen = frozen_mask(params, cfg.get("freeze", ()))
   schedule = (learning_rate_schedule(cfg, total_steps)
               if isinstance(total_steps, int)
               else segmented_schedule(cfg, total_steps))
@@ -183,4 +242,10 @@ def build_optimizer(cfg: ml_collections.ConfigDict, total_steps,
   if decay < 1.0:
     tx = layer_decay_lib.scale_updates(
         tx, layer_decay_lib.multipliers(params, decay))
+  if frozen is not None:
+    # Zeroed on the way in too, so that gradient clipping and the moments
+    # see a frozen param's gradient as 0 whether or not the loss stops it.
+    tx = optax.chain(freeze_updates(frozen), tx, freeze_updates(frozen))
+  if ema_decay > 0.0:  # last: it averages the params after the final update
+    tx = optax.chain(tx, ema_lib.ema(ema_decay))
   return tx, schedule

@@ -32,6 +32,7 @@ from florax.parallel import sharding as sharding_lib
 from florax.parallel import zero
 from florax.tasks import base as task_lib
 from florax.train import checkpoint as ckpt_lib
+from florax.train import ema as ema_lib
 from florax.train import grad_accum
 from florax.train import hardware
 from florax.train import init_from as init_from_lib
@@ -177,6 +178,9 @@ class Trainer:
       self.precision = config.precision
       precision.check_config(self.precision)
     self.total_steps = config.train.steps
+    # > 0: the optimizer keeps an EMA of the weights, and evaluation uses it.
+    self.ema_decay = float(config.optimizer.get("ema_decay", 0.0))
+    self._ema_reader = None
 
     root = jax.random.key(config.seed)
     self.init_rng, train_rng = jax.random.split(root)
@@ -216,6 +220,9 @@ class Trainer:
     else:
       self.frozen_shardings = nn.unbox(sharding_lib.logical_shardings(
           frozen_boxed, self.mesh, self.rules))
+      if self.zero_stage >= 3:  # sharded like the (FSDP) params
+        self.frozen_shardings = zero.shard_tree_over_data(
+            frozen_boxed, self.frozen_shardings, self.mesh)
       self.abstract_frozen = _with_shardings(nn.unbox(frozen_boxed),
                                              self.frozen_shardings)
     self.batch_sharding = sharding_lib.batch_sharding(self.mesh, self.rules)
@@ -292,6 +299,9 @@ class Trainer:
           f"e.g. target {next(iter(report['fresh']), None)!r}, source "
           f"{next(iter(source), None)!r}")
     _log(init_from_lib.summary(report, what))
+    if self.ema_decay:  # the average starts at the loaded weights
+      return dict(state, params=params, opt_state=ema_lib.with_ema_params(
+          state["opt_state"], params))
     return dict(state, params=params)
 
   def load_frozen(self):
@@ -390,10 +400,23 @@ class Trainer:
 
   # -- loop -----------------------------------------------------------------
 
+  def eval_params(self, state):
+    """The params evaluation uses: the EMA of the weights (placed like the
+    params) when optimizer.ema_decay > 0, else the params."""
+    if not self.ema_decay:
+      return state["params"]
+    if self._ema_reader is None:
+      _log(f"florax: evaluating the EMA of the weights (optimizer.ema_decay="
+           f"{self.ema_decay})")
+      self._ema_reader = jax.jit(ema_lib.ema_params,
+                                 out_shardings=self.param_shardings)
+    return self._ema_reader(state["opt_state"])
+
   def evaluate(self, state, frozen=None, step=None) -> dict[str, float]:
+    params = self.eval_params(state)
     with mesh_lib.use_mesh(self.mesh), nn.logical_axis_rules(self.rules):
       return {k: float(v) for k, v in self.task.evaluate(
-          state["params"], frozen or None, step).items()}
+          params, frozen or None, step).items()}
 
   def kind_sequence(self, start: int, end: int) -> list[str]:
     """The batch kind of every step in [start, end): a pure function of
