@@ -252,3 +252,39 @@ def test_initial_params_are_the_start_of_a_run(trained, tmp_path):
                want["image_encoder"])
   jax.tree.map(np.testing.assert_array_equal, params["mim_head"],
                trained.initial["mim_head"])  # same seed, not loaded
+
+
+def test_vit_teacher_from_an_export(tmp_path):
+  """An image-only ViT export (what launch.import_weights writes for a CLIP
+  or EVA tower) as the teacher: its features are the ViT's final patch
+  tokens, its pixels re-normalised from the student's [-1, 1] to its own
+  CLIP statistics, and its 32 px resolution reached by resizing."""
+  from configs import imported
+  from florax.data import preprocess
+  from florax.models import vit
+  image = dict(arch="vit", **vars(vit.config_for("tiny/8", 32)))
+  model_cfg = dict(image=image, embed_dim=0, dtype="float32", num_classes=0)
+  mean, std = (0.48, 0.46, 0.41), (0.27, 0.26, 0.28)
+  spec = preprocess.resize_center_crop_spec(32, 32, mean, std)
+  config = imported.config(model_cfg, 32, None, spec)
+  model = two_tower.from_config(config.model)
+  params = model.init(jax.random.key(5), jnp.zeros((1, 32, 32, 3)))["params"]
+  out = str(tmp_path / "vit_export")
+  export.write_export(out, config, nn.unbox(params), None, step=0,
+                      platforms=(), preprocess=spec)
+  tower = frozen_tower.FrozenImageTower(out)
+  assert (tower.arch, tower.grid, tower.width) == ("vit", 4, 64)
+  assert tower.source() == f"export {os.path.abspath(out)}"
+  tower.set_input_stats([0.5] * 3, [0.5] * 3)
+  frozen = tower.load(jax.devices()[0])
+  student_pixels = np.random.default_rng(3).uniform(
+      -1, 1, (2, 16, 16, 3)).astype(np.float32)
+  got = np.asarray(tower.patch_features(frozen, jnp.asarray(student_pixels)))
+  # Reference: [0, 1] pixels -> the teacher's normalisation -> resize.
+  raw = student_pixels * 0.5 + 0.5
+  x = (raw - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
+  x = jax.image.resize(x, (2, 32, 32, 3), "bilinear")
+  _, aux = vit.ViT(vit.config_for("tiny/8", 32)).apply(
+      {"params": nn.unbox(params)["image_encoder"]}, x)
+  want = np.asarray(aux["tokens"])[:, 1:].reshape(2, 4, 4, 64)
+  np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
