@@ -1,0 +1,349 @@
+"""BEiT-3's Multiway Transformer (Wang et al. 2022, "Image as a Foreign
+Language", §2.1), on the shared encoder library.
+
+Each block is the pre-LN block of florax.models.transformer with ONE shared
+self-attention (`transformer.Attention`, sub-LN inside it, q/k/v biases) and
+a pool of modality experts, each a pre-attention LayerNorm `norm1_<e>`, a
+pre-FFN LayerNorm `norm2_<e>` and a sub-LN FFN `mlp_<e>`
+(`transformer.FeedForward`: fc1 -> GELU -> LayerNorm -> fc2):
+
+  v   vision expert, every layer
+  l   language expert, every layer
+  vl  vision-language expert, only in the top `num_vl_layers` layers
+
+Routing is by a static split position, as torchscale's MultiwayNetwork does:
+a sequence is [image tokens (cls + patches), text tokens]; the first
+`split` tokens go through `v`, the rest through `l` (image-only: split = N,
+text-only: split = 0). An image+text (fusion) input uses `vl` for all tokens
+in the top `num_vl_layers` layers (BEiT-3 / VLMo); image-only and text-only
+inputs use `v` / `l` in every layer, so `vl` is unused by them. The split is
+a property of the input kind (a Python int, fixed per compiled shape), never
+of an example, so a batch is one program. FLOP cost: each token runs exactly
+one expert, i.e. the same FLOPs as a dense transformer of the same shape
+(a one-hot combine would run every expert on every token: 2-3x the FFN
+FLOPs). The price is that one call holds one input kind; a batch mixing
+images, texts and pairs is three calls.
+
+The final LayerNorm is per modality as well (`norm_v` on image tokens,
+`norm_l` on text tokens, split the same way).
+
+Parameter layout (what an importer of torchscale's BEiT3 needs to know):
+
+  florax                          torchscale (encoder.layers.{i}.)
+  block{i}/attn/qkv  (W,3,H,D)    self_attn.{q,k,v}_proj.{A,B}
+  block{i}/attn/norm              self_attn.inner_attn_ln.{A,B}
+  block{i}/attn/proj (H,D,W)      self_attn.out_proj.{A,B}
+  block{i}/norm1_{v,l}            self_attn_layer_norm.{A,B}
+  block{i}/norm2_{v,l}            final_layer_norm.{A,B}
+  block{i}/mlp_{v,l}/fc1,norm,fc2 ffn.{A,B}.fc1, ffn_layernorm, fc2
+  block{i}/{norm1,norm2,mlp}_vl   (none: torchscale has no VL expert)
+  norm_{v,l}                      encoder.layer_norm.{A,B}
+  vision_embed/patch_embed        vision_embed.proj
+  vision_embed/{cls,mask}_token   vision_embed.{cls,mask}_token
+  vision_embed/pos_embed          encoder.embed_positions.A.weight[2:]
+  text_embed/token_embed          text_embed.weight
+  text_embed/pos_embed            encoder.embed_positions.B.weight[2:]
+
+torchscale wraps the attention projections and inner_attn_ln in
+MultiwayWrapper too (A/B copies); the paper (and this model) shares the
+attention, so an importer must take one copy (or check A == B). torchscale's
+position tables start at row 2 (Fairseq's offset); florax's start at row 0.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Optional
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from florax.data.tokenizer import PAD_ID
+from florax.models import layers, transformer
+
+EXPERTS = ("v", "l", "vl")
+
+
+@dataclasses.dataclass(frozen=True)
+class MultiwayConfig:
+  width: int = 768
+  depth: int = 12
+  num_heads: int = 12
+  mlp_dim: int = 3072
+  # The top `num_vl_layers` layers also hold a vision-language expert.
+  num_vl_layers: int = 2
+  # BEiT-3's SentencePiece vocabulary (64k pieces + specials, [MASK] among
+  # them: the masking task takes its id from the tokenizer).
+  vocab_size: int = 64010
+  # torchscale's 1024-row text position table less its two offset rows.
+  max_text_len: int = 1022
+  # None: no key-padding mask for text.
+  pad_id: Optional[int] = PAD_ID
+  image_size: int = 224
+  patch_size: int = 16
+  act: str = "gelu"
+  norm_eps: float = 1e-5
+  sub_ln: bool | str = True
+  dropout: float = 0.0
+  drop_path_rate: float = 0.0
+  remat: str = "none"
+  attention_impl: str = "xla"
+
+  @property
+  def grid(self) -> int:
+    return self.image_size // self.patch_size
+
+  @property
+  def num_image_tokens(self) -> int:
+    """cls + patches: the split position of an image+text sequence."""
+    return 1 + self.grid ** 2
+
+  def encoder(self) -> transformer.EncoderConfig:
+    """The shared library's config of one block (attention and each FFN)."""
+    return transformer.EncoderConfig(
+        width=self.width, depth=self.depth, num_heads=self.num_heads,
+        mlp_dim=self.mlp_dim, qkv_bias="full", act=self.act,
+        sub_ln=self.sub_ln, norm_eps=self.norm_eps, dropout=self.dropout,
+        drop_path_rate=self.drop_path_rate, remat=self.remat,
+        attention_impl=self.attention_impl)
+
+  def is_vl_layer(self, i: int) -> bool:
+    return i >= self.depth - self.num_vl_layers
+
+
+# (width, depth, mlp_dim, heads, patch, num_vl_layers). base/large as the
+# released BEiT-3 (torchscale's beit3_base/large: 12 x 768, 24 x 1024; the
+# paper gives no VL-layer count below giant, VLMo uses 2 of 12);
+# giant is the paper's §2.3: 40 x 1408 x 6144 x 16, patch 14, 3 VL layers.
+PRESETS = {
+    "tiny": dict(width=64, depth=3, num_heads=2, mlp_dim=128, num_vl_layers=1,
+                 vocab_size=128, max_text_len=16, image_size=32,
+                 patch_size=8),
+    "base": dict(width=768, depth=12, num_heads=12, mlp_dim=3072,
+                 num_vl_layers=2, patch_size=16),
+    "large": dict(width=1024, depth=24, num_heads=16, mlp_dim=4096,
+                  num_vl_layers=3, patch_size=16),
+    "giant": dict(width=1408, depth=40, num_heads=16, mlp_dim=6144,
+                  num_vl_layers=3, patch_size=14),
+}
+
+
+def config_for(name: str, **overrides) -> MultiwayConfig:
+  if name not in PRESETS:
+    raise ValueError(f"unknown Multiway preset {name!r}; choose one of "
+                     f"{sorted(PRESETS)}")
+  return MultiwayConfig(**{**PRESETS[name], **overrides})
+
+
+def validate(cfg: MultiwayConfig):
+  """Raises ValueError naming the field at fault, before anything compiles."""
+  if cfg.image_size % cfg.patch_size:
+    raise ValueError(f"Multiway image_size {cfg.image_size} is not a multiple "
+                     f"of patch_size {cfg.patch_size}")
+  if not 0 <= cfg.num_vl_layers <= cfg.depth:
+    raise ValueError(f"Multiway num_vl_layers={cfg.num_vl_layers} is not in "
+                     f"[0, depth={cfg.depth}]")
+  if cfg.max_text_len < 1:
+    raise ValueError(f"Multiway max_text_len must be >= 1, got "
+                     f"{cfg.max_text_len}")
+  if cfg.pad_id is not None and not 0 <= cfg.pad_id < cfg.vocab_size:
+    raise ValueError(f"Multiway pad_id {cfg.pad_id} is outside the "
+                     f"vocabulary of {cfg.vocab_size}")
+  transformer.validate(cfg.encoder(), where="Multiway")
+
+
+class MultiwayBlock(nn.Module):
+  """x + DropPath(attn(norm1_e(x))); x + DropPath(mlp_e(norm2_e(x))), the
+  expert e chosen per token span by the static `split` (see the module
+  docstring); `fusion` (static) selects `vl` in a VL layer."""
+  config: MultiwayConfig
+  has_vl: bool = False
+  drop_path: Any = 0.0
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, mask=None, split: int = 0, fusion: bool = False,
+               deterministic: bool = True):
+    cfg = self.config
+    enc = cfg.encoder()
+    names = ("vl",) if self.has_vl else ()
+    norm1 = {e: layers.layer_norm(name=f"norm1_{e}", epsilon=cfg.norm_eps)
+             for e in ("v", "l") + names}
+    norm2 = {e: layers.layer_norm(name=f"norm2_{e}", epsilon=cfg.norm_eps)
+             for e in ("v", "l") + names}
+    mlp = {e: transformer.FeedForward(enc, self.dtype, name=f"mlp_{e}")
+           for e in ("v", "l") + names}
+    if fusion and not self.has_vl:
+      fusion = False  # below the VL layers a pair is split like torchscale
+    if self.is_initializing():
+      # Create every expert's params whatever the input kind, on an empty
+      # token span (no FLOPs): one init covers image, text and pair calls.
+      empty = x[:, :0]
+      for e in norm1:
+        mlp[e](norm2[e](norm1[e](empty)).astype(self.dtype))
+
+    def route(modules, y, *args):
+      if fusion:
+        return modules["vl"](y, *args)
+      n = y.shape[1]
+      if split >= n:
+        return modules["v"](y, *args)
+      if split <= 0:
+        return modules["l"](y, *args)
+      return jnp.concatenate([modules["v"](y[:, :split], *args),
+                              modules["l"](y[:, split:], *args)], axis=1)
+
+    x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
+    y = route(norm1, x)
+    y = transformer.Attention(enc, dtype=self.dtype, name="attn")(
+        y.astype(self.dtype), mask)
+    y = nn.Dropout(cfg.dropout)(y, deterministic=deterministic)
+    x = x + layers.DropPath(self.drop_path)(y, deterministic)
+    y = route(norm2, x)
+    y = route(mlp, y.astype(self.dtype), deterministic)
+    x = x + layers.DropPath(self.drop_path)(y, deterministic)
+    self.sow("intermediates", "out", x)
+    return x
+
+
+class VisionEmbed(nn.Module):
+  """Patch conv + [cls] + learned positions; masked patches (MIM) become a
+  learned mask token before the positions are added."""
+  config: MultiwayConfig
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, images, mask=None):
+    cfg = self.config
+    b, height, width, _ = images.shape
+    if (height, width) != (cfg.image_size, cfg.image_size):
+      raise ValueError(f"Multiway built for {cfg.image_size}px images got "
+                       f"{height}x{width} (set image_size)")
+    x = nn.Conv(
+        cfg.width, (cfg.patch_size, cfg.patch_size), strides=cfg.patch_size,
+        padding="VALID", dtype=self.dtype, param_dtype=jnp.float32,
+        kernel_init=nn.with_logical_partitioning(
+            layers.default_kernel_init, (None, None, "conv_in", "embed")),
+        bias_init=nn.with_logical_partitioning(nn.initializers.zeros,
+                                               ("embed",)),
+        name="patch_embed")(images.astype(self.dtype))
+    x = x.reshape(b, -1, cfg.width)
+    # Always created (torchscale's contain_mask_token=True), so a MIM task
+    # and a plain encoder share one param tree.
+    token = self.param("mask_token", nn.with_logical_partitioning(
+        nn.initializers.normal(0.02), (None, None, "embed")),
+                       (1, 1, cfg.width), jnp.float32)
+    if mask is not None:
+      if mask.shape != x.shape[:2]:
+        raise ValueError(f"Multiway image mask of shape {mask.shape} does not "
+                         f"cover the {x.shape[1]} patches of {b} images")
+      x = jnp.where(mask[..., None], token.astype(x.dtype), x)
+    cls = self.param("cls_token", nn.with_logical_partitioning(
+        nn.initializers.normal(0.02), (None, None, "embed")),
+                     (1, 1, cfg.width), jnp.float32)
+    x = jnp.concatenate(
+        [jnp.broadcast_to(cls.astype(x.dtype), (b, 1, cfg.width)), x], 1)
+    pos = self.param("pos_embed", nn.with_logical_partitioning(
+        nn.initializers.normal(0.02), (None, "embed")),
+                     (cfg.num_image_tokens, cfg.width), jnp.float32)
+    return x + pos[None].astype(x.dtype)
+
+
+class TextEmbed(nn.Module):
+  """Token embedding + learned positions; returns (x, valid (B, L)). Padding
+  tokens are zeroed as torchscale does (and masked as keys)."""
+  config: MultiwayConfig
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, ids):
+    cfg = self.config
+    length = ids.shape[1]
+    if length > cfg.max_text_len:
+      raise ValueError(f"Multiway text length {length} exceeds max_text_len "
+                       f"{cfg.max_text_len}")
+    x = nn.Embed(
+        cfg.vocab_size, cfg.width, dtype=self.dtype, param_dtype=jnp.float32,
+        embedding_init=nn.with_logical_partitioning(
+            nn.initializers.normal(0.02), ("vocab", "embed")),
+        name="token_embed")(ids)
+    pos = self.param("pos_embed", nn.with_logical_partitioning(
+        nn.initializers.normal(0.02), (None, "embed")),
+                     (cfg.max_text_len, cfg.width), jnp.float32)
+    x = x + pos[None, :length].astype(x.dtype)
+    if cfg.pad_id is None:
+      valid = jnp.ones(ids.shape, bool)
+    else:
+      valid = ids != cfg.pad_id
+    return x * valid[..., None].astype(x.dtype), valid
+
+
+class Multiway(nn.Module):
+  """The BEiT-3 backbone. `__call__(images=None, text=None, image_mask=None)`
+  or the named methods return (tokens (B, N, width) after the final norms,
+  valid (B, N) bool: False at text padding). For an image+text call the
+  first `config.num_image_tokens` tokens are the image's.
+
+  Init with images AND text to create every param (the block creates all
+  its experts at init whatever the input kind, the embeddings only when
+  their input is given)."""
+  config: MultiwayConfig
+  dtype: Any = jnp.float32
+
+  def encode_image(self, images, image_mask=None, deterministic=True):
+    return self(images=images, image_mask=image_mask,
+                deterministic=deterministic)
+
+  def encode_text(self, text, deterministic=True):
+    return self(text=text, deterministic=deterministic)
+
+  def encode_pair(self, images, text, image_mask=None, deterministic=True):
+    return self(images=images, text=text, image_mask=image_mask,
+                deterministic=deterministic)
+
+  @nn.compact
+  def __call__(self, images=None, text=None, image_mask=None,
+               deterministic: bool = True):
+    cfg = self.config
+    if images is None and text is None:
+      raise ValueError("Multiway needs images, text or both")
+    parts, valid = [], []
+    if images is not None:
+      x = VisionEmbed(cfg, self.dtype, name="vision_embed")(images,
+                                                            image_mask)
+      parts.append(x)
+      valid.append(jnp.ones(x.shape[:2], bool))
+    elif image_mask is not None:
+      raise ValueError("Multiway got image_mask without images")
+    if text is not None:
+      x, text_valid = TextEmbed(cfg, self.dtype, name="text_embed")(text)
+      parts.append(x)
+      valid.append(text_valid)
+    if images is not None and text is not None and parts[0].shape[0] != (
+        parts[1].shape[0]):
+      raise ValueError(f"Multiway pair of {parts[0].shape[0]} images and "
+                       f"{parts[1].shape[0]} texts")
+    x = jnp.concatenate(parts, axis=1) if len(parts) > 1 else parts[0]
+    valid = jnp.concatenate(valid, axis=1) if len(valid) > 1 else valid[0]
+    split = parts[0].shape[1] if images is not None else 0
+    fusion = images is not None and text is not None
+    mask = None if text is None else transformer.padding_mask(valid)
+    x = nn.Dropout(cfg.dropout)(x, deterministic=deterministic)
+    rates = layers.drop_path_rates(cfg.drop_path_rate, cfg.depth)
+    # self=0, x=1, mask=2, split=3, fusion=4, deterministic=5
+    block_cls = layers.maybe_remat(MultiwayBlock, cfg.remat,
+                                   static_argnums=(3, 4, 5))
+    for i in range(cfg.depth):
+      x = block_cls(cfg, cfg.is_vl_layer(i), rates[i], self.dtype,
+                    name=f"block{i}")(x, mask, split, fusion, deterministic)
+    norm_v = layers.layer_norm(name="norm_v", epsilon=cfg.norm_eps)
+    norm_l = layers.layer_norm(name="norm_l", epsilon=cfg.norm_eps)
+    if self.is_initializing():
+      norm_v(x[:, :0]), norm_l(x[:, :0])
+    if text is None:
+      x = norm_v(x)
+    elif images is None:
+      x = norm_l(x)
+    else:
+      x = jnp.concatenate([norm_v(x[:, :split]), norm_l(x[:, split:])], 1)
+    return x, valid
