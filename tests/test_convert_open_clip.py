@@ -44,10 +44,11 @@ from tests.fixtures import torch_env
 ATOL = 1e-4
 
 
-def _load(fixture_dir, tmp_dir):
-  state = common.read_checkpoint(ref.gunzip_state(fixture_dir, tmp_dir))
-  io = dict(np.load(os.path.join(fixture_dir, ref.IO_FILE)))
-  with open(os.path.join(fixture_dir, ref.META_FILE)) as f:
+def _load(fixture_dir, tmp_dir, maker=ref):
+  """(state dict, inputs/outputs, meta) of a fixture written by `maker`."""
+  state = common.read_checkpoint(maker.gunzip_state(fixture_dir, tmp_dir))
+  io = dict(np.load(os.path.join(fixture_dir, maker.IO_FILE)))
+  with open(os.path.join(fixture_dir, maker.META_FILE)) as f:
     meta = json.load(f)
   return state, io, meta
 
@@ -271,17 +272,10 @@ def test_image_position_embedding_resized_text_not(fixture, run_florax):
 
 # -- EVA-CLIP ------------------------------------------------------------------
 
-def _load_eva(fixture_dir, tmp_dir):
-  state = common.read_checkpoint(eva_ref.gunzip_state(fixture_dir, tmp_dir))
-  io = dict(np.load(os.path.join(fixture_dir, eva_ref.IO_FILE)))
-  with open(os.path.join(fixture_dir, eva_ref.META_FILE)) as f:
-    meta = json.load(f)
-  return state, io, meta
-
-
 @pytest.fixture(scope="module")
 def eva_fixture(tmp_path_factory):
-  return _load_eva(eva_ref.FIXTURE_DIR, str(tmp_path_factory.mktemp("eva")))
+  return _load(eva_ref.FIXTURE_DIR, str(tmp_path_factory.mktemp("eva")),
+               eva_ref)
 
 
 def _check_eva_parity(run_florax, state, io):
@@ -362,9 +356,9 @@ def test_eva_clip_parity_live_against_open_clip(tmp_path, run_florax):
   torch_env.require_open_clip()
   torch_env.require_timm()
   out = eva_ref.make(str(tmp_path / "fixture"), full_size=False)
-  state, io, _ = _load_eva(out, str(tmp_path))
+  state, io, _ = _load(out, str(tmp_path), eva_ref)
   _check_eva_parity(run_florax, state, io)
-  _, committed, _ = _load_eva(eva_ref.FIXTURE_DIR, str(tmp_path))
+  _, committed, _ = _load(eva_ref.FIXTURE_DIR, str(tmp_path), eva_ref)
   np.testing.assert_array_equal(io["ids"], committed["ids"])
   for name in ("image_features", "text_features", "image_tokens"):
     np.testing.assert_allclose(io[name], committed[name], atol=1e-5)
