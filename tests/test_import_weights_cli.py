@@ -203,9 +203,9 @@ def test_timm_import_at_a_larger_size(tmp_path):
 
 
 @pytest.mark.parametrize("args,message", [
-    (("--source", "hf", "--arch", "beit3_base"),
+    (("--source", "hf", "--arch", "flava_full"),
      "--source hf: not yet: importing Hugging Face checkpoints is added by "
-     "the BEiT-3/FLAVA work; available now: timm, open_clip"),
+     "the FLAVA work; available now: timm, open_clip, torchscale"),
     (("--source", "timm", "--arch", "vit_giant"),
      "--arch 'vit_giant' is not a known timm arch; known: "),
     (("--source", "timm", "--arch", "vit_test", "--tokenizer", MERGES),
@@ -244,3 +244,26 @@ def test_open_clip_with_a_smaller_tokenizer(checkpoint, tmp_path):
   assert f"({small}) has 1513 ids but ViT-test's text tower has a " \
          "vocabulary of 1615" in line, line
   assert not (tmp_path / "out").exists()
+
+
+def test_torchscale_beit3_import(tmp_path):
+  """--source torchscale: the small torchscale BEiT3 of
+  tests/fixtures/torchscale_beit3/ (parity in test_convert_torchscale.py)
+  becomes a Multiway import directory; an unknown arch is named."""
+  ckpt = os.path.join(ROOT, "tests", "fixtures", "torchscale_beit3",
+                      "test.safetensors")
+  out = tmp_path / "beit3"
+  res = _run("--source", "torchscale", "--arch", "test", "--checkpoint",
+             ckpt, "--out", out)
+  assert res.returncode == 0, res.stderr[-3000:]
+  assert "florax: imported torchscale test" in res.stdout
+  with open(out / "manifest.json") as f:
+    manifest = json.load(f)
+  assert manifest["model"] == "multiway"
+  assert manifest["source"]["arch"] == "test"
+  line = _one_error_line(_run("--source", "torchscale", "--arch", "huge",
+                              "--checkpoint", ckpt, "--out",
+                              tmp_path / "bad"))
+  assert line.startswith("florax: error: unknown torchscale BEiT3 arch "
+                         "'huge'"), line
+  assert not (tmp_path / "bad").exists()

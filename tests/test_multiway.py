@@ -75,6 +75,8 @@ def tiny_formula(cfg):
   """Closed-form count of a Multiway model, from the architecture."""
   w, f = cfg.width, cfg.mlp_dim
   attn = (w * 3 * w + 3 * w) + (w * w + w) + 2 * w      # qkv, proj, sub-LN
+  if cfg.multiway_attention:                            # torchscale: v and l
+    attn *= 2
   expert = 2 * w + 2 * w + (w * f + f) + 2 * f + (f * w + w)
   blocks = cfg.depth * (attn + 2 * expert) + cfg.num_vl_layers * expert
   vision = (cfg.patch_size ** 2 * 3 * w + w) + 2 * w + (
@@ -100,8 +102,9 @@ def tiny():
   return cfg, model, params, images, text
 
 
-def test_tiny_param_count_closed_form():
-  cfg = multiway.config_for("tiny")
+@pytest.mark.parametrize("multiway_attention", [False, True])
+def test_tiny_param_count_closed_form(multiway_attention):
+  cfg = multiway.config_for("tiny", multiway_attention=multiway_attention)
   s = cfg.image_size
   params = jax.eval_shape(lambda r: multiway.Multiway(cfg).init(
       r, jnp.zeros((1, s, s, 3)), jnp.zeros((1, 4), jnp.int32)),
@@ -211,6 +214,8 @@ def test_bad_configs_raise():
     multiway.validate(multiway.config_for("tiny", image_size=30))
   with pytest.raises(ValueError, match="preset"):
     multiway.config_for("huge")
+  with pytest.raises(ValueError, match="multiway_attention"):
+    multiway.validate(multiway.config_for("tiny", multiway_attention="yes"))
   multiway.validate(multiway.config_for("giant"))
 
 
@@ -229,31 +234,36 @@ def _gelu(x):
   return 0.5 * x * (1 + _erf(x / math.sqrt(2)))
 
 
-def reference_block(p, x, valid, split, fusion, heads, eps):
+def reference_block(p, x, valid, split, fusion, heads, eps,
+                    multiway_attention=False):
   """One Multiway block token by token, in float64: expert 'vl' for every
-  token when fusion, else 'v' before `split` and 'l' after."""
+  token when fusion, else 'v' before `split` and 'l' after; with
+  `multiway_attention` (torchscale) each token's q/k/v, sub-LN and output
+  projection are its modality's copy ('v' before `split`, else 'l', a
+  fusion layer included), the softmax over all tokens."""
   b, n, w = x.shape
   d = w // heads
   expert = lambda i: "vl" if fusion else ("v" if i < split else "l")
-  qkv_k, qkv_b = p["attn"]["qkv"]["kernel"], p["attn"]["qkv"]["bias"]
+  suffix = lambda i: ("_v" if i < split else "_l") if multiway_attention else ""
+  a = p["attn"]
   out = np.zeros_like(x)
   for e in range(b):
     h = np.stack([_ln(x[e, i], p[f"norm1_{expert(i)}"], eps)
                   for i in range(n)])
-    q = np.einsum("nw,whd->nhd", h, qkv_k[:, 0]) + qkv_b[0]
-    k = np.einsum("nw,whd->nhd", h, qkv_k[:, 1]) + qkv_b[1]
-    v = np.einsum("nw,whd->nhd", h, qkv_k[:, 2]) + qkv_b[2]
+    qkv = np.stack([np.einsum("w,wthd->thd", h[i], a["qkv" + suffix(i)][
+        "kernel"]) + a["qkv" + suffix(i)]["bias"] for i in range(n)])
+    q, k, v = qkv[:, 0], qkv[:, 1], qkv[:, 2]
     for i in range(n):
       heads_out = []
       for hd in range(heads):
         keys = [j for j in range(n) if valid[e, j]]
         s = np.array([q[i, hd] @ k[j, hd] / math.sqrt(d) for j in keys])
-        a = np.exp(s - s.max())
-        a /= a.sum()
-        heads_out.append(sum(a[t] * v[j, hd] for t, j in enumerate(keys)))
-      o = _ln(np.concatenate(heads_out), p["attn"]["norm"], eps)
-      o = o @ p["attn"]["proj"]["kernel"].reshape(w, w) + (
-          p["attn"]["proj"]["bias"])
+        att = np.exp(s - s.max())
+        att /= att.sum()
+        heads_out.append(sum(att[t] * v[j, hd] for t, j in enumerate(keys)))
+      o = _ln(np.concatenate(heads_out), a["norm" + suffix(i)], eps)
+      proj = a["proj" + suffix(i)]
+      o = o @ proj["kernel"].reshape(w, w) + proj["bias"]
       y = x[e, i] + o
       m = p[f"mlp_{expert(i)}"]
       f = _ln(y, p[f"norm2_{expert(i)}"], eps)
@@ -263,10 +273,12 @@ def reference_block(p, x, valid, split, fusion, heads, eps):
   return out
 
 
-@pytest.mark.parametrize("fusion", [False, True])
-def test_block_matches_naive_reference(fusion):
+@pytest.mark.parametrize("fusion,multiway_attention",
+                         [(False, False), (True, False), (True, True)])
+def test_block_matches_naive_reference(fusion, multiway_attention):
   cfg = multiway.MultiwayConfig(width=16, depth=1, num_heads=2, mlp_dim=32,
-                                num_vl_layers=1)
+                                num_vl_layers=1,
+                                multiway_attention=multiway_attention)
   block = multiway.MultiwayBlock(cfg, has_vl=True)
   rng = np.random.default_rng(3)
   x = rng.normal(size=(2, 9, 16)).astype(np.float32)
@@ -283,7 +295,7 @@ def test_block_matches_naive_reference(fusion):
                                              fusion))(params, x, mask)
   p64 = jax.tree.map(lambda a: np.asarray(a, np.float64), params)
   want = reference_block(p64, x.astype(np.float64), valid, 5, fusion,
-                         cfg.num_heads, cfg.norm_eps)
+                         cfg.num_heads, cfg.norm_eps, multiway_attention)
   np.testing.assert_allclose(np.asarray(got), want, atol=1e-5, rtol=1e-5)
 
 

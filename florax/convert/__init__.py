@@ -8,7 +8,11 @@
   open_clip    ViT-B-16, ViT-L-14-quickgelu, ...   florax.convert.open_clip
                EVA01-g-14, EVA02-B-16, EVA02-L-14  (its EVA-CLIP trunks via
                (EVA-CLIP: timm trunk + CLIP text)   timm_eva's table)
-  hf, torchscale                                   not yet (BEiT-3 / FLAVA)
+  torchscale   base, large, giant, unilm names     florax.convert.torchscale_beit3
+               (beit3_large_patch16_384, ...)      (onto florax.models.multiway;
+                                                   launch.import_weights writes
+                                                   its own directory, see there)
+  hf                                               not yet (FLAVA)
 
 Archs a converter knows but florax cannot express (EVA02-E-14: post-norm
 blocks) are listed and refused with a ValueError naming the missing feature.
@@ -32,7 +36,7 @@ import numpy as np
 SOURCES = ("timm", "open_clip", "hf", "torchscale")
 # Named in the command line's choices so that users find them, answered with
 # a clear error until their converters exist.
-NOT_YET = {"hf": "Hugging Face checkpoints", "torchscale": "torchscale"}
+NOT_YET = {"hf": "Hugging Face checkpoints"}
 
 # timm arch name prefixes -> converter module.
 _TIMM_FAMILIES = (("vit_", "timm_vit"), ("swin_", "timm_swin"),
@@ -69,7 +73,7 @@ class Imported:
 def _not_yet(source: str):
   raise ValueError(
       f"--source {source}: not yet: importing {NOT_YET[source]} is added by "
-      "the BEiT-3/FLAVA work; available now: timm, open_clip")
+      "the FLAVA work; available now: timm, open_clip, torchscale")
 
 
 def module_for(source: str, arch: str):
@@ -78,6 +82,8 @@ def module_for(source: str, arch: str):
     _not_yet(source)
   if source == "open_clip":
     return importlib.import_module("florax.convert.open_clip")
+  if source == "torchscale":
+    return importlib.import_module("florax.convert.torchscale_beit3")
   if source == "timm":
     for prefix, name in _TIMM_FAMILIES:
       if arch.startswith(prefix):

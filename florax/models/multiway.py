@@ -27,12 +27,24 @@ images, texts and pairs is three calls.
 The final LayerNorm is per modality as well (`norm_v` on image tokens,
 `norm_l` on text tokens, split the same way).
 
-Parameter layout (what an importer of torchscale's BEiT3 needs to know):
+Shared or per-modality attention. The paper (§2.1) shares the
+self-attention; torchscale's code (the released BEiT-3 checkpoints) does not:
+its MultiwayWrapper also wraps q/k/v/out_proj and the attention sub-LN, so
+each modality has its own projections (A: vision, B: language; one softmax
+over all tokens). `multiway_attention=True` is that layout: the block's
+`attn` holds qkv_{v,l}, norm_{v,l}, proj_{v,l}, routed by the same split
+(a VL layer's pair still splits its attention: there is no VL copy). The
+florax default keeps the paper's shared attention; importers of torchscale
+set `multiway_attention=True, num_vl_layers=0` (torchscale has no VL
+expert: a pair is split v/l in every layer).
+
+Parameter layout (florax.convert.torchscale_beit3 maps it):
 
   florax                          torchscale (encoder.layers.{i}.)
-  block{i}/attn/qkv  (W,3,H,D)    self_attn.{q,k,v}_proj.{A,B}
-  block{i}/attn/norm              self_attn.inner_attn_ln.{A,B}
-  block{i}/attn/proj (H,D,W)      self_attn.out_proj.{A,B}
+  block{i}/attn/qkv  (W,3,H,D)    self_attn.{q,k,v}_proj.{A,B}  (shared)
+  block{i}/attn/qkv_{v,l}         self_attn.{q,k,v}_proj.{A,B}  (multiway)
+  block{i}/attn/norm[_{v,l}]      self_attn.inner_attn_ln.{A,B}
+  block{i}/attn/proj[_{v,l}]      self_attn.out_proj.{A,B}
   block{i}/norm1_{v,l}            self_attn_layer_norm.{A,B}
   block{i}/norm2_{v,l}            final_layer_norm.{A,B}
   block{i}/mlp_{v,l}/fc1,norm,fc2 ffn.{A,B}.fc1, ffn_layernorm, fc2
@@ -44,10 +56,12 @@ Parameter layout (what an importer of torchscale's BEiT3 needs to know):
   text_embed/token_embed          text_embed.weight
   text_embed/pos_embed            encoder.embed_positions.B.weight[2:]
 
-torchscale wraps the attention projections and inner_attn_ln in
-MultiwayWrapper too (A/B copies); the paper (and this model) shares the
-attention, so an importer must take one copy (or check A == B). torchscale's
-position tables start at row 2 (Fairseq's offset); florax's start at row 0.
+torchscale's position tables start at row 2 (Fairseq's offset; rows 0-1 are
+never read); florax's start at row 0. In an image+text sequence the text
+positions restart at 0 (torchscale splits the position lookup like every
+other multiway module). The rest of the maths is torchscale's as is: LayerNorm
+eps 1e-5, q scaled by head_dim^-0.5, exact GELU, padded text tokens zeroed
+after their positions are added and masked as keys, per-modality final norm.
 """
 
 from __future__ import annotations
@@ -56,6 +70,7 @@ import dataclasses
 from typing import Any, Optional
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 from florax.data.tokenizer import PAD_ID
@@ -84,6 +99,9 @@ class MultiwayConfig:
   act: str = "gelu"
   norm_eps: float = 1e-5
   sub_ln: bool | str = True
+  # torchscale's per-modality attention projections (module docstring);
+  # False: the paper's shared attention.
+  multiway_attention: bool = False
   dropout: float = 0.0
   drop_path_rate: float = 0.0
   remat: str = "none"
@@ -149,7 +167,66 @@ def validate(cfg: MultiwayConfig):
   if cfg.pad_id is not None and not 0 <= cfg.pad_id < cfg.vocab_size:
     raise ValueError(f"Multiway pad_id {cfg.pad_id} is outside the "
                      f"vocabulary of {cfg.vocab_size}")
+  if not isinstance(cfg.multiway_attention, bool):
+    raise ValueError(f"Multiway multiway_attention must be true or false, "
+                     f"got {cfg.multiway_attention!r}")
   transformer.validate(cfg.encoder(), where="Multiway")
+
+
+def _route(modules, y, split: int, *args):
+  """Runs modules['v'] on y[:, :split] and modules['l'] on the rest (the
+  static split of the module docstring), skipping an empty side."""
+  n = y.shape[1]
+  if split >= n:
+    return modules["v"](y, *args)
+  if split <= 0:
+    return modules["l"](y, *args)
+  return jnp.concatenate([modules["v"](y[:, :split], *args),
+                          modules["l"](y[:, split:], *args)], axis=1)
+
+
+class MultiwayAttention(nn.Module):
+  """torchscale's multiway self-attention: q/k/v projections, the sub-LN
+  and the output projection per modality (qkv_v/qkv_l, ...: the v copy on
+  the first `split` tokens, l on the rest), one softmax over all tokens.
+  The maths of transformer.Attention otherwise (q/k/v biases, head_dim^-0.5
+  scaling, sub-LN on the concatenated heads)."""
+  config: MultiwayConfig
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, mask=None, split: int = 0):
+    cfg = self.config
+    enc = cfg.encoder()
+    heads = cfg.num_heads
+    head_dim = cfg.width // heads
+    experts = ("v", "l")
+    qkv = {e: layers.dense((3, heads, head_dim),
+                           ("embed", None, "heads", "kv"), dtype=self.dtype,
+                           name=f"qkv_{e}") for e in experts}
+    sub_ln = transformer.has_sub_ln(enc, "attn")
+    norm = {e: layers.layer_norm(name=f"norm_{e}", epsilon=cfg.norm_eps)
+            for e in experts} if sub_ln else {}
+    proj = {e: layers.dense(cfg.width, ("heads", "kv", "embed"),
+                            dtype=self.dtype, name=f"proj_{e}",
+                            axis=(-2, -1)) for e in experts}
+    if self.is_initializing():
+      empty = x[:, :0]
+      for e in experts:  # every copy's params, whatever the input kind
+        h = qkv[e](empty)[:, :, 0]
+        if sub_ln:
+          h = norm[e](h.reshape(h.shape[0], 0, cfg.width)).reshape(h.shape)
+        proj[e](h)
+    q, k, v = jnp.moveaxis(_route(qkv, x, split), 2, 0)
+    out = jax.nn.dot_product_attention(
+        q, k, v, mask=mask, scale=head_dim ** -0.5,
+        implementation=None if cfg.attention_impl == "xla" else "cudnn")
+    if sub_ln:  # on the concatenated heads, as transformer.Attention
+      def ln(e):
+        return lambda h: norm[e](h.reshape(*h.shape[:2], cfg.width)
+                                 ).astype(self.dtype).reshape(h.shape)
+      out = _route({e: ln(e) for e in experts}, out, split)
+    return _route(proj, out, split)
 
 
 class MultiwayBlock(nn.Module):
@@ -185,18 +262,16 @@ class MultiwayBlock(nn.Module):
     def route(modules, y, *args):
       if fusion:
         return modules["vl"](y, *args)
-      n = y.shape[1]
-      if split >= n:
-        return modules["v"](y, *args)
-      if split <= 0:
-        return modules["l"](y, *args)
-      return jnp.concatenate([modules["v"](y[:, :split], *args),
-                              modules["l"](y[:, split:], *args)], axis=1)
+      return _route(modules, y, split, *args)
 
     x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
     y = route(norm1, x)
-    y = transformer.Attention(enc, dtype=self.dtype, name="attn")(
-        y.astype(self.dtype), mask)
+    if cfg.multiway_attention:
+      y = MultiwayAttention(cfg, self.dtype, name="attn")(
+          y.astype(self.dtype), mask, split)
+    else:
+      y = transformer.Attention(enc, dtype=self.dtype, name="attn")(
+          y.astype(self.dtype), mask)
     y = nn.Dropout(cfg.dropout)(y, deterministic=deterministic)
     x = x + layers.DropPath(self.drop_path)(y, deterministic)
     y = route(norm2, x)
