@@ -175,5 +175,22 @@ class Task(abc.ABC):
     return {}
 
   def flops_per_example(self) -> float | None:
-    """Analytic training FLOPs per example, if the task knows them."""
+    """Analytic training FLOPs per example, if the task knows them and they
+    do not depend on the batch (see `step_flops`)."""
     return None
+
+  def step_flops(self, kind: str, global_batch: int) -> float | None:
+    """Analytic FLOPs of one training step of batch kind `kind` over the
+    whole global batch (all devices together), or None if unknown.
+
+    Model FLOPs as florax.models.flops counts them: matmuls and
+    convolutions only, forward + backward of the trained network (3x its
+    forward, 2x for layers fed by data) + the forward of frozen networks;
+    recomputation (remat, a gradient cache) is not counted. The trainer
+    divides them by the mesh's device count for TFLOP/s and MFU, and falls
+    back to XLA's cost analysis when this returns None. The default scales
+    `flops_per_example`; a task whose cost is not linear in the batch (a
+    contrastive loss's B x B logits) overrides this.
+    """
+    per_example = self.flops_per_example()
+    return None if per_example is None else per_example * global_batch

@@ -68,6 +68,7 @@ from florax.data import digits_images
 from florax.data import pipeline
 from florax.data import preprocess
 from florax.evaluate import mesh_map
+from florax.models import flops as flops_lib
 from florax.models import layers, two_tower
 from florax.parallel import sharding as sharding_lib
 from florax.tasks import base
@@ -398,6 +399,18 @@ class ClassifyTask(base.Task):
     hits = jnp.argmax(logits, -1) == jnp.argmax(targets, -1)
     return loss, {"accuracy": jnp.mean(hits.astype(jnp.float32)),
                   "mix_lambda": lam}
+
+  def flops_per_example(self):
+    """Analytic FLOPs per image (florax.models.flops): tower + head
+    trained; with train_backbone=False the tower runs forward only and the
+    head, behind a stop_gradient, computes no input gradient."""
+    m = self.config.model
+    tower = flops_lib.image_tower_forward(m, self.config.data.image_size)
+    head = flops_lib.dense(1, flops_lib.image_feature_width(m),
+                           m.num_classes)
+    if self.train_backbone:
+      return (tower + flops_lib.Forward(head)).train()
+    return tower.flops + flops_lib.Forward(head, input_layer=head).train()
 
   # -- evaluation and export ------------------------------------------------
 

@@ -31,6 +31,7 @@ from florax.data import record_pipeline
 from florax.evaluate import mesh_map
 from florax.evaluate import two_tower as two_tower_evals
 from florax.losses import masked_cosine
+from florax.models import flops as flops_lib
 from florax.models import layers, two_tower, vit
 from florax.parallel import sharding as sharding_lib
 from florax.tasks import base
@@ -223,6 +224,21 @@ class EVAMIMTask(base.Task):
     loss, cos = masked_cosine.masked_negative_cosine(pred, target,
                                                      batch["image_mask"])
     return loss, {"masked_cosine": cos}
+
+  def flops_per_example(self):
+    """Analytic FLOPs per image (florax.models.flops): the student ViT and
+    its MIM head over every patch, trained (the [MASK] token replaces
+    patches, it removes no compute), plus the frozen teacher's forward and
+    its input resize when the resolutions differ."""
+    student = self.student
+    head = flops_lib.dense(student.grid ** 2, student.width,
+                           self.teacher.width)
+    teacher = flops_lib.image_tower_forward(self.teacher.config.model,
+                                            self.teacher.image_size)
+    resize = flops_lib.resize_flops(self.config.data.image_size,
+                                    self.teacher.image_size)
+    return ((flops_lib.vit_forward(student) + flops_lib.Forward(head)).train()
+            + teacher.flops + resize)
 
   # -- evaluation -----------------------------------------------------------
 

@@ -27,6 +27,7 @@ from florax.evaluate import mesh_map
 from florax.evaluate import two_tower as two_tower_evals
 from florax.losses import contrastive
 from florax.losses import global_contrastive
+from florax.models import flops as flops_lib
 from florax.models import text, two_tower
 from florax.parallel import mesh as mesh_lib
 from florax.parallel import sharding as sharding_lib
@@ -322,6 +323,19 @@ class UniCLTask(base.Task):
 
     local = global_batch // sharding_lib.batch_size_divisor(mesh, rules)
     return grad_cache.auto_chunk_size(local, peak_bytes, budget)
+
+  def step_flops(self, kind, global_batch):
+    """Analytic step FLOPs (florax.models.flops): both towers and
+    projections trained on every pair, plus the B x B logits of the whole
+    global batch (not linear in the batch, hence no flops_per_example).
+    The gradient cache's recomputed forwards are not counted."""
+    cfg = self.config
+    pairs = flops_lib.two_tower_forward(cfg.model, cfg.data.image_size,
+                                        cfg.data.max_len)
+    dim = cfg.model.embed_dim or flops_lib.image_feature_width(cfg.model)
+    logits = flops_lib.Forward(flops_lib.contrastive_logits(global_batch,
+                                                            dim))
+    return (pairs * global_batch + logits).train()
 
   # -- evaluation and inference hooks ----------------------------------------
 

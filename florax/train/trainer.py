@@ -48,7 +48,8 @@ def _log(msg: str):
 
 
 def _first_flops(compiled) -> float | None:
-  """FLOPs of one step per device, from XLA's cost analysis.
+  """FLOPs of one step per device, from XLA's cost analysis: the fallback
+  of `Trainer.flops_per_device` for a task without an analytic count.
 
   Under SPMD the compiled module is the per-device partition, so these are
   per-device FLOPs (checked: a matmul split 8 ways reports 1/8 of its
@@ -386,6 +387,50 @@ class Trainer:
       return step.lower(self.abstract_state, batch,
                         self.abstract_frozen).compile()
 
+  def flops_per_device(self, compiled: dict[str, Any]
+                       ) -> dict[str, float | None]:
+    """FLOPs of one step of each kind per device, for TFLOP/s and MFU.
+
+    The task's analytic count (`Task.step_flops`: model FLOPs of the global
+    batch, florax.models.flops) divided by the mesh's device count; for a
+    kind without one, XLA's cost analysis of the compiled step, which
+    counts a loop body once (a lower bound when the step has scanned layers
+    or gradient accumulation) and includes elementwise work. Logs the
+    source once.
+    """
+    devices = self.mesh.devices.size
+    out, sources = {}, {}
+    for kind, c in compiled.items():
+      try:
+        analytic = self.task.step_flops(kind, self.batch_size(kind))
+      except Exception as e:  # a metric never stops training
+        _log(f"florax: analytic FLOPs of kind {kind!r} failed ({e!r}); "
+             "using XLA's cost analysis")
+        analytic = None
+      if analytic is not None:
+        out[kind], sources[kind] = float(analytic) / devices, "analytic"
+        continue
+      out[kind] = _first_flops(c)
+      if out[kind] is None:
+        sources[kind] = "unknown (no TFLOP/s or MFU)"
+      elif _has_loops(c):
+        sources[kind] = ("XLA cost analysis, a LOWER BOUND: the step has "
+                         "loops (scanned layers or gradient accumulation), "
+                         "whose body it counts once")
+      else:
+        sources[kind] = "XLA cost analysis (elementwise ops included)"
+    if len(set(sources.values())) == 1:
+      what = next(iter(sources.values()))
+    else:
+      what = "; ".join(f"{k}: {v}" for k, v in sources.items())
+    if what == "analytic":
+      what = ("analytic model FLOPs (florax.models.flops: matmuls, no "
+              "recompute)")
+    _log(f"florax: TFLOP/s and MFU from {what}"
+         + "".join(f", {k} {v / 1e12:.4g} TFLOP/device/step"
+                   for k, v in out.items() if v))
+    return out
+
   def abstract_batch(self, kind: str | None = None):
     """One global batch of `kind` as sharded ShapeDtypeStructs."""
     kind = next(iter(self.kind_weights)) if kind is None else kind
@@ -494,11 +539,7 @@ class Trainer:
     _log("florax: compiled the train step"
          + (f" for {len(kinds)} batch kinds" if len(kinds) > 1 else "")
          + f" in {time.perf_counter() - t0:.1f}s")
-    flops = {k: _first_flops(c) for k, c in compiled.items()}
-    if any(flops.values()) and any(_has_loops(c) for c in compiled.values()):
-      _log("florax: the step has loops (scanned layers or gradient "
-           "accumulation); XLA's cost analysis counts a loop body once, so "
-           "TFLOP/s and MFU below are lower bounds")
+    flops = self.flops_per_device(compiled)
     peak = hardware.peak_flops_per_device()
     unit = self.task.example_unit
 

@@ -1,0 +1,1 @@
+"""Benchmarks that print tables: the suite (every family), contrastive memory, data pipeline."""
