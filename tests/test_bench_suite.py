@@ -49,8 +49,9 @@ def test_throughput_and_mfu_follow_from_the_analytic_flops(small_run):
         per_dev / (e["step_ms"] / 1e3), rel=1e-9)
     assert e["mfu_measured_peak"] == pytest.approx(
         e["tflops_per_device"] * 1e12 / measured, rel=1e-9)
-    # A training step of tiny models cannot beat a large matmul.
-    assert 0 < e["mfu_measured_peak"] < 1
+    # Not bounded above here: on a shared CPU the peak and the steps may be
+    # timed under different loads.
+    assert e["mfu_measured_peak"] > 0
     assert e["mfu_spec_peak"] is None
     # XLA counts elementwise work and the optimizer too, never less than
     # the matmuls (no scanned layers in the small presets).
