@@ -3,3 +3,4 @@ from florax.tasks.registry import build, register  # noqa: F401
 from florax.tasks import unicl  # noqa: F401,E402
 from florax.tasks import eva_mim  # noqa: F401,E402
 from florax.tasks import classify  # noqa: F401,E402
+from florax.tasks import vqkd  # noqa: F401,E402
