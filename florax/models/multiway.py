@@ -62,6 +62,25 @@ positions restart at 0 (torchscale splits the position lookup like every
 other multiway module). The rest of the maths is torchscale's as is: LayerNorm
 eps 1e-5, q scaled by head_dim^-0.5, exact GELU, padded text tokens zeroed
 after their positions are added and masked as keys, per-modality final norm.
+
+Image captioning (BEiT-3 §3.1, unilm's BEiT3ForCaptioning): an image+text
+call with `seq2seq=True` uses the seq2seq mask (`seq2seq_mask`): image
+tokens attend to each other only (bidirectionally, never to the caption),
+caption tokens attend to every image token and causally to the caption.
+`CaptionModel` adds the vocabulary head (`mlm_head`, untied from the word
+embedding, named as in the BEiT-3 MDM model so its checkpoint loads as is).
+
+Incremental decoding: `init_cache` makes a static-length cache (per block
+the attention's keys/values for image + caption slots, plus which slots are
+valid keys); a call with `cache=` writes the keys/values of the tokens it is
+given at `cache_index` (the slot of its first token) and attends over the
+cache. A prefill call holds the image (and any caption prompt) at slot 0; a
+decoding step holds only the new caption token(s), at slot
+num_image_tokens + text position, so a step costs O(its tokens x cached
+slots), not a re-run. The image's keys/values never change after the
+prefill: image tokens do not attend to the caption. A cached call is always
+the fused pair (the `vl` experts in the VL layers) with the seq2seq mask.
+florax.models.decoding runs greedy and beam search over it.
 """
 
 from __future__ import annotations
@@ -173,6 +192,36 @@ def validate(cfg: MultiwayConfig):
   transformer.validate(cfg.encoder(), where="Multiway")
 
 
+def seq2seq_mask(num_image_tokens: int, text_valid) -> jnp.ndarray:
+  """(B, 1, N + L, N + L) captioning mask of N image tokens followed by
+  L caption tokens (text_valid (B, L), False at padding): image tokens see
+  the image bidirectionally and never the caption; caption token t sees all
+  image tokens and caption tokens <= t; padding is never a key."""
+  text_valid = jnp.asarray(text_valid, bool)
+  b, length = text_valid.shape
+  valid = jnp.concatenate(
+      [jnp.ones((b, num_image_tokens), bool), text_valid], axis=1)
+  return (transformer.prefix_lm_mask(num_image_tokens,
+                                     num_image_tokens + length)
+          & transformer.padding_mask(valid))
+
+
+def init_cache(cfg: MultiwayConfig, batch: int, text_len: int,
+               dtype=jnp.float32) -> dict:
+  """An empty decoding cache for `batch` captions of up to `text_len` tokens
+  after the image: {'valid': (B, N + text_len) bool, 'block{i}': {'k', 'v'}
+  (B, N + text_len, heads, head_dim)} (module docstring)."""
+  if not 1 <= text_len <= cfg.max_text_len:
+    raise ValueError(f"Multiway cache of {text_len} caption slots: must be in "
+                     f"[1, max_text_len={cfg.max_text_len}]")
+  length = cfg.num_image_tokens + text_len
+  cache = {"valid": jnp.zeros((batch, length), bool)}
+  for i in range(cfg.depth):
+    cache[f"block{i}"] = transformer.init_kv_cache(
+        batch, length, cfg.num_heads, cfg.width // cfg.num_heads, dtype)
+  return cache
+
+
 def _route(modules, y, split: int, *args):
   """Runs modules['v'] on y[:, :split] and modules['l'] on the rest (the
   static split of the module docstring), skipping an empty side."""
@@ -195,7 +244,9 @@ class MultiwayAttention(nn.Module):
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x, mask=None, split: int = 0):
+  def __call__(self, x, mask=None, split: int = 0, kv_cache=None,
+               cache_index=0):
+    """As transformer.Attention: with `kv_cache` returns (out, new_cache)."""
     cfg = self.config
     enc = cfg.encoder()
     heads = cfg.num_heads
@@ -218,6 +269,9 @@ class MultiwayAttention(nn.Module):
           h = norm[e](h.reshape(h.shape[0], 0, cfg.width)).reshape(h.shape)
         proj[e](h)
     q, k, v = jnp.moveaxis(_route(qkv, x, split), 2, 0)
+    if kv_cache is not None:
+      k, v, kv_cache = transformer.update_kv_cache(kv_cache, k, v,
+                                                   cache_index)
     out = jax.nn.dot_product_attention(
         q, k, v, mask=mask, scale=head_dim ** -0.5,
         implementation=None if cfg.attention_impl == "xla" else "cudnn")
@@ -226,7 +280,8 @@ class MultiwayAttention(nn.Module):
         return lambda h: norm[e](h.reshape(*h.shape[:2], cfg.width)
                                  ).astype(self.dtype).reshape(h.shape)
       out = _route({e: ln(e) for e in experts}, out, split)
-    return _route(proj, out, split)
+    out = _route(proj, out, split)
+    return out if kv_cache is None else (out, kv_cache)
 
 
 class MultiwayBlock(nn.Module):
@@ -240,7 +295,8 @@ class MultiwayBlock(nn.Module):
 
   @nn.compact
   def __call__(self, x, mask=None, split: int = 0, fusion: bool = False,
-               deterministic: bool = True):
+               deterministic: bool = True, kv_cache=None, cache_index=0):
+    """x, or (x, new_cache) with a `kv_cache` for its attention."""
     cfg = self.config
     enc = cfg.encoder()
     names = ("vl",) if self.has_vl else ()
@@ -268,17 +324,20 @@ class MultiwayBlock(nn.Module):
     y = route(norm1, x)
     if cfg.multiway_attention:
       y = MultiwayAttention(cfg, self.dtype, name="attn")(
-          y.astype(self.dtype), mask, split)
+          y.astype(self.dtype), mask, split, kv_cache, cache_index)
     else:
       y = transformer.Attention(enc, dtype=self.dtype, name="attn")(
-          y.astype(self.dtype), mask)
+          y.astype(self.dtype), mask, kv_cache=kv_cache,
+          cache_index=cache_index)
+    if kv_cache is not None:
+      y, kv_cache = y
     y = nn.Dropout(cfg.dropout)(y, deterministic=deterministic)
     x = x + layers.DropPath(self.drop_path)(y, deterministic)
     y = route(norm2, x)
     y = route(mlp, y.astype(self.dtype), deterministic)
     x = x + layers.DropPath(self.drop_path)(y, deterministic)
     self.sow("intermediates", "out", x)
-    return x
+    return x if kv_cache is None else (x, kv_cache)
 
 
 class VisionEmbed(nn.Module):
@@ -331,12 +390,16 @@ class TextEmbed(nn.Module):
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, ids):
+  def __call__(self, ids, start=0):
+    """`start`: the position of ids[:, 0] (a decoding step's offset; may be
+    traced, then the caller keeps start + length <= max_text_len)."""
     cfg = self.config
     length = ids.shape[1]
-    if length > cfg.max_text_len:
-      raise ValueError(f"Multiway text length {length} exceeds max_text_len "
-                       f"{cfg.max_text_len}")
+    static = isinstance(start, int)
+    if length + (start if static else 0) > cfg.max_text_len:
+      raise ValueError(f"Multiway text positions up to "
+                       f"{length + (start if static else 0)} exceed "
+                       f"max_text_len {cfg.max_text_len}")
     x = nn.Embed(
         cfg.vocab_size, cfg.width, dtype=self.dtype, param_dtype=jnp.float32,
         embedding_init=nn.with_logical_partitioning(
@@ -345,7 +408,11 @@ class TextEmbed(nn.Module):
     pos = self.param("pos_embed", nn.with_logical_partitioning(
         nn.initializers.normal(0.02), (None, "embed")),
                      (cfg.max_text_len, cfg.width), jnp.float32)
-    x = x + pos[None, :length].astype(x.dtype)
+    if static:
+      pos = pos[start:start + length]
+    else:
+      pos = jax.lax.dynamic_slice_in_dim(pos, start, length, axis=0)
+    x = x + pos[None].astype(x.dtype)
     if cfg.pad_id is None:
       valid = jnp.ones(ids.shape, bool)
     else:
@@ -358,6 +425,10 @@ class Multiway(nn.Module):
   or the named methods return (tokens (B, N, width) after the final norms,
   valid (B, N) bool: False at text padding). For an image+text call the
   first `config.num_image_tokens` tokens are the image's.
+
+  `seq2seq=True` (image+text only): the captioning mask (`seq2seq_mask`).
+  `cache=` (from `init_cache`): incremental decoding (module docstring);
+  returns (tokens, valid, new_cache), tokens being those of this call only.
 
   Init with images AND text to create every param (the block creates all
   its experts at init whatever the input kind, the embeddings only when
@@ -376,12 +447,33 @@ class Multiway(nn.Module):
     return self(images=images, text=text, image_mask=image_mask,
                 deterministic=deterministic)
 
+  def encode_caption(self, images, text, image_mask=None,
+                     deterministic=True):
+    """An image+caption pair under the seq2seq mask (module docstring)."""
+    return self(images=images, text=text, image_mask=image_mask,
+                deterministic=deterministic, seq2seq=True)
+
   @nn.compact
   def __call__(self, images=None, text=None, image_mask=None,
-               deterministic: bool = True):
+               deterministic: bool = True, seq2seq: bool = False,
+               cache=None, cache_index=0):
     cfg = self.config
     if images is None and text is None:
       raise ValueError("Multiway needs images, text or both")
+    if seq2seq and (images is None or text is None) and cache is None:
+      raise ValueError("Multiway seq2seq (captioning) mask needs images and "
+                       "text")
+    num_image = cfg.num_image_tokens
+    if cache is not None:
+      if images is not None and not (isinstance(cache_index, int)
+                                     and cache_index == 0):
+        raise ValueError(f"Multiway cached call with images (a prefill) "
+                         f"writes at slot 0, got cache_index={cache_index}")
+      if images is None and isinstance(cache_index, int) and (
+          cache_index < num_image):
+        raise ValueError(f"Multiway cached text-only call (a decoding step) "
+                         f"at cache_index={cache_index}: slots below "
+                         f"{num_image} hold the image")
     parts, valid = [], []
     if images is not None:
       x = VisionEmbed(cfg, self.dtype, name="vision_embed")(images,
@@ -391,7 +483,11 @@ class Multiway(nn.Module):
     elif image_mask is not None:
       raise ValueError("Multiway got image_mask without images")
     if text is not None:
-      x, text_valid = TextEmbed(cfg, self.dtype, name="text_embed")(text)
+      # A decoding step's text starts at caption position cache_index - N.
+      start = 0 if cache is None or images is not None else (
+          cache_index - num_image)
+      x, text_valid = TextEmbed(cfg, self.dtype, name="text_embed")(text,
+                                                                    start)
       parts.append(x)
       valid.append(text_valid)
     if images is not None and text is not None and parts[0].shape[0] != (
@@ -401,16 +497,27 @@ class Multiway(nn.Module):
     x = jnp.concatenate(parts, axis=1) if len(parts) > 1 else parts[0]
     valid = jnp.concatenate(valid, axis=1) if len(valid) > 1 else valid[0]
     split = parts[0].shape[1] if images is not None else 0
-    fusion = images is not None and text is not None
-    mask = None if text is None else transformer.padding_mask(valid)
+    # A cached call is always (part of) an image+caption pair.
+    fusion = cache is not None or (images is not None and text is not None)
+    if cache is not None:
+      mask, cache = self._cache_mask(cache, valid, cache_index)
+    elif seq2seq:
+      mask = seq2seq_mask(split, valid[:, split:])
+    else:
+      mask = None if text is None else transformer.padding_mask(valid)
     x = nn.Dropout(cfg.dropout)(x, deterministic=deterministic)
     rates = layers.drop_path_rates(cfg.drop_path_rate, cfg.depth)
     # self=0, x=1, mask=2, split=3, fusion=4, deterministic=5
     block_cls = layers.maybe_remat(MultiwayBlock, cfg.remat,
                                    static_argnums=(3, 4, 5))
     for i in range(cfg.depth):
-      x = block_cls(cfg, cfg.is_vl_layer(i), rates[i], self.dtype,
-                    name=f"block{i}")(x, mask, split, fusion, deterministic)
+      block = block_cls(cfg, cfg.is_vl_layer(i), rates[i], self.dtype,
+                        name=f"block{i}")
+      if cache is None:
+        x = block(x, mask, split, fusion, deterministic)
+      else:
+        x, cache[f"block{i}"] = block(x, mask, split, fusion, deterministic,
+                                      cache[f"block{i}"], cache_index)
     norm_v = layers.layer_norm(name="norm_v", epsilon=cfg.norm_eps)
     norm_l = layers.layer_norm(name="norm_l", epsilon=cfg.norm_eps)
     if self.is_initializing():
@@ -421,4 +528,70 @@ class Multiway(nn.Module):
       x = norm_l(x)
     else:
       x = jnp.concatenate([norm_v(x[:, :split]), norm_l(x[:, split:])], 1)
+    if cache is not None:
+      return x, valid, cache
     return x, valid
+
+  def _cache_mask(self, cache, valid, cache_index):
+    """The seq2seq mask of this call's tokens (slots cache_index + j) over
+    every cache slot, after marking this call's slots valid or padding;
+    returns (mask (B, 1, n, slots), the cache with 'valid' updated)."""
+    cfg = self.config
+    expected = {"valid"} | {f"block{i}" for i in range(cfg.depth)}
+    if not isinstance(cache, dict) or set(cache) != expected:
+      raise ValueError(f"Multiway cache must have keys {sorted(expected)} "
+                       "(multiway.init_cache)")
+    slots = cache["valid"].shape[1]
+    b, n = valid.shape
+    if cache["valid"].shape[0] != b or n > slots:
+      raise ValueError(f"Multiway cache of shape {cache['valid'].shape} "
+                       f"cannot take {n} tokens of {b} sequences")
+    cache = dict(cache)
+    cache["valid"] = jax.lax.dynamic_update_slice_in_dim(
+        cache["valid"], valid, cache_index, axis=1)
+    q = cache_index + jnp.arange(n)[:, None]
+    k = jnp.arange(slots)[None, :]
+    causal = (k <= q) | (k < cfg.num_image_tokens)
+    return causal[None, None] & transformer.padding_mask(cache["valid"]), (
+        cache)
+
+
+class CaptionModel(nn.Module):
+  """BEiT-3 image captioning: the Multiway backbone (`multiway`) under the
+  seq2seq mask and a vocabulary head `mlm_head` (width -> vocab, with bias,
+  NOT tied to the word embedding, as unilm's BEiT3ForCaptioning and the
+  florax MDM model: an MDM checkpoint's multiway/ and mlm_head/ load as is).
+
+  `__call__(images, text)` -> caption logits (B, L, vocab) float32, one per
+  caption token (what the MLM fine-tuning objective and the no-cache
+  reference read). `prefill` / `step` are the cached decoding calls
+  (florax.models.decoding), each returning the logits of its LAST token
+  (B, vocab) and the new cache."""
+  config: MultiwayConfig
+  dtype: Any = jnp.float32
+
+  def setup(self):
+    self.multiway = Multiway(self.config, self.dtype)
+    self.mlm_head = layers.dense(self.config.vocab_size, ("embed", "vocab"),
+                                 dtype=self.dtype)
+
+  def __call__(self, images, text, image_mask=None,
+               deterministic: bool = True):
+    tokens, _ = self.multiway(images=images, text=text, image_mask=image_mask,
+                              deterministic=deterministic, seq2seq=True)
+    return self.mlm_head(tokens[:, self.config.num_image_tokens:]).astype(
+        jnp.float32)
+
+  def prefill(self, images, text, cache):
+    """Image + caption prompt written at slot 0 of `cache`."""
+    tokens, _, cache = self.multiway(images=images, text=text, cache=cache,
+                                     cache_index=0)
+    return self.mlm_head(tokens[:, -1]).astype(jnp.float32), cache
+
+  def step(self, text, cache, position):
+    """Caption tokens (B, S) at caption positions [position, position + S)
+    (position may be traced)."""
+    tokens, _, cache = self.multiway(
+        text=text, cache=cache,
+        cache_index=position + self.config.num_image_tokens)
+    return self.mlm_head(tokens[:, -1]).astype(jnp.float32), cache

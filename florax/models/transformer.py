@@ -26,7 +26,14 @@ Florence's text tower are this block with options, not copies of it:
 
 Masks are boolean, True = may attend, broadcastable to (B, heads, Q, K);
 `causal_mask`, `prefix_lm_mask` (seq2seq: a bidirectional prefix, causal
-after it) and `padding_mask` build them. Position-dependent options need the
+after it) and `padding_mask` build them.
+
+Autoregressive decoding: `Attention(..., kv_cache=, cache_index=)` writes
+the new tokens' keys/values into a static-length cache ({'k', 'v'}, each
+(B, L, heads, head_dim), `init_kv_cache`) at `cache_index` and attends over
+the whole cache (the caller's mask hides the slots not yet written); it then
+returns (out, new_cache). Without a cache nothing changes (same params, same
+output). Position-dependent options need the
 token layout (how many prefix tokens precede an h x w grid), given as a
 static `TokenLayout`.
 
@@ -157,6 +164,38 @@ def padding_mask(valid) -> jnp.ndarray:
   return jnp.asarray(valid, bool)[:, None, None, :]
 
 
+# -- key/value cache ------------------------------------------------------------
+
+def init_kv_cache(batch: int, length: int, num_heads: int, head_dim: int,
+                  dtype=jnp.float32) -> dict:
+  """An empty cache of `length` key/value slots for one attention layer."""
+  shape = (batch, length, num_heads, head_dim)
+  return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+
+
+def update_kv_cache(cache: dict, k, v, index):
+  """Writes k, v (B, S, heads, head_dim) into slots [index, index + S) of
+  `cache` (index may be traced: one program serves every decoding step);
+  returns (all cached keys, all cached values, the new cache)."""
+  if not isinstance(cache, dict) or set(cache) != {"k", "v"}:
+    raise ValueError("kv_cache must be a dict with keys 'k' and 'v' "
+                     "(transformer.init_kv_cache)")
+  for name, new in (("k", k), ("v", v)):
+    old = cache[name]
+    if old.ndim != 4 or old.shape[0] != new.shape[0] or (
+        old.shape[2:] != new.shape[2:]):
+      raise ValueError(f"kv_cache['{name}'] of shape {old.shape} does not "
+                       f"hold {new.shape[0]} sequences of {new.shape[2]} "
+                       f"heads x {new.shape[3]}")
+    if new.shape[1] > old.shape[1]:
+      raise ValueError(f"kv_cache['{name}'] has {old.shape[1]} slots, fewer "
+                       f"than the {new.shape[1]} tokens written")
+  cache = {name: jax.lax.dynamic_update_slice_in_dim(
+      cache[name], new.astype(cache[name].dtype), index, axis=1)
+           for name, new in (("k", k), ("v", v))}
+  return cache["k"], cache["v"], cache
+
+
 # -- positions ----------------------------------------------------------------
 
 def relative_position_index(grid: tuple[int, int], num_prefix: int
@@ -241,7 +280,11 @@ class Attention(nn.Module):
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x, mask=None, bias=None, rope=None):
+  def __call__(self, x, mask=None, bias=None, rope=None, kv_cache=None,
+               cache_index=0):
+    """out (B, N, width); with `kv_cache` (module docstring) the keys and
+    values of x are cached at `cache_index`, the queries attend over the
+    whole cache, and the result is (out, new_cache)."""
     cfg = self.config
     heads = cfg.num_heads
     head_dim = x.shape[-1] // heads
@@ -258,6 +301,12 @@ class Attention(nn.Module):
       v = v + bias_param("v_bias")
     if rope is not None:
       q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+    if kv_cache is not None:
+      if cfg.rel_pos_bias == "layer":
+        raise ValueError("Attention: kv_cache does not support "
+                         "rel_pos_bias='layer' (its table is laid out for "
+                         "the full sequence)")
+      k, v, kv_cache = update_kv_cache(kv_cache, k, v, cache_index)
     if cfg.rel_pos_bias == "layer":
       layer_bias = relative_position_bias(self, heads, self.layout)
       bias = layer_bias if bias is None else bias + layer_bias
@@ -271,8 +320,9 @@ class Attention(nn.Module):
       b, n = out.shape[:2]
       out = layers.layer_norm(name="norm", epsilon=cfg.norm_eps)(
           out.reshape(b, n, -1)).astype(self.dtype).reshape(out.shape)
-    return layers.dense(x.shape[-1], ("heads", "kv", "embed"),
-                        dtype=self.dtype, name="proj", axis=(-2, -1))(out)
+    out = layers.dense(x.shape[-1], ("heads", "kv", "embed"),
+                       dtype=self.dtype, name="proj", axis=(-2, -1))(out)
+    return out if kv_cache is None else (out, kv_cache)
 
 
 def activation(name: str):
