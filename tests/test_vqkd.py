@@ -351,3 +351,38 @@ def test_bad_config_is_refused_before_compiling(teacher, tmp_path, field,
   mesh = mesh_lib.make_mesh(dict(cfg.mesh.axes), jax.devices()[:1])
   with pytest.raises((ValueError, TypeError), match=match):
     tasks.build(cfg, str(tmp_path / "w"), mesh)
+
+
+def test_beit3_mdm_steps_take_their_mim_targets_from_this_tokenizer(
+    trained, tmp_path):
+  """BEiT-3's masked data modeling through the trainer, its MIM targets
+  coming from this VQ-KD run as a frozen tokenizer (the digits demo,
+  shortened: 2 steps of a 2-layer Multiway at 16 px, one device)."""
+  from configs import beit3 as beit3_configs  # pylint: disable=g-import-not-at-top
+  from florax.tasks import beit3_mdm  # pylint: disable=g-import-not-at-top
+  cfg = beit3_configs.get_config("tiny")
+  with cfg.unlocked():
+    cfg.tokenizer.path = trained.workdir
+    cfg.data.image_size = cfg.model.multiway.image_size = 16
+    cfg.mdm.min_block = 1
+    cfg.data.composition.update(dict(image=8, text=16, pair=8))
+    cfg.model.multiway.update(dict(depth=2, width=32, mlp_dim=64))
+    cfg.mesh.axes.data = 1
+    cfg.train.steps = 2
+    cfg.train.log_every = 1
+    cfg.train.checkpoint_every = 2
+    cfg.optimizer.warmup_steps = 1
+  mesh = mesh_lib.make_mesh(dict(cfg.mesh.axes), jax.devices()[:1])
+  t = trainer_lib.Trainer(tasks.build(cfg, str(tmp_path), mesh))
+  t.train()
+  rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+  last = [r for r in rows if "train/loss" in r][-1]
+  assert last["step"] == 2 and np.isfinite(last["train/loss"])
+  for part in beit3_mdm.PARTS:
+    assert 0 <= last[f"train/{part}_accuracy"] <= 1
+    assert last[f"train/{part}_masked"] > 0
+  with open(tmp_path / "frozen.json") as f:
+    assert trained.workdir in json.load(f)["source"]
+  # The MIM head predicts this tokenizer's 16 codes.
+  head = jax.device_get(t.state["params"])["mim_head"]["kernel"]
+  assert np.shape(head)[-1] == 16
