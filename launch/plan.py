@@ -21,6 +21,8 @@ as its layout for every stage, the model's init traced once):
   vs ideal                  state / ideal - 1
   frozen                    a teacher's / visual tokenizer's params (fp32,
                             sharded like params; never optimised)
+  model TFLOP/dev           the task's analytic model FLOPs of one step per
+                            device (florax.models.flops; the trainer's MFU)
 
 From the compiler (marked *; the real train step compiled ONCE, at stage
 `--compile_stage`, default the highest planned, with scanned layers so that
@@ -111,7 +113,8 @@ flags.mark_flags_as_required(["config"])
 GIB = 2 ** 30
 # Which row fields are exact and which come from the (one) compile.
 EXACT = ("num_params", "num_frozen", "frozen", "params", "grads", "opt_state",
-         "state_total", "ideal_state_total", "state_vs_ideal")
+         "state_total", "ideal_state_total", "state_vs_ideal",
+         "model_flops_per_device")
 FROM_COMPILER = ("temp", "activations_estimate", "arguments", "total",
                  "flops_per_device")
 
@@ -224,9 +227,21 @@ def _exact_row(t, stage: int) -> dict:
          "tensor_parallel": tensor,
          "params": params, "grads": grads, "opt_state": opt,
          "state_total": state, "ideal_state_total": ideal,
-         "state_vs_ideal": state / ideal if ideal else None}
+         "state_vs_ideal": state / ideal if ideal else None,
+         "model_flops_per_device": _model_flops(t)}
   row.update({k: None for k in FROM_COMPILER})
   return row
+
+
+def _model_flops(t) -> float | None:
+  """The task's analytic model FLOPs of one step per device (what the
+  trainer's MFU uses; florax.models.flops), None if it has none."""
+  kind = next(iter(t.kind_weights))
+  try:
+    flops = t.task.step_flops(kind, t.batch_size(kind))
+  except Exception:  # a plan never fails for want of a FLOP count
+    return None
+  return None if flops is None else float(flops) / t.mesh.devices.size
 
 
 def compile_stage(config, stage: int, scan: bool = True) -> dict:
@@ -332,7 +347,8 @@ def verdict(rows: list[dict], memory_gb: float | None) -> str:
 def table(rows: list[dict]) -> str:
   """Markdown table; exact columns first, then the compiler's (marked *)."""
   head = ("stage", "params", "grads", "opt_state", "state", "ideal",
-          "vs ideal", "frozen", "temp*", "total*", "TFLOP/dev*")
+          "vs ideal", "frozen", "model TFLOP/dev", "temp*", "total*",
+          "TFLOP/dev*")
   lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
   mib = lambda b: "n/a" if b is None else f"{b / 2 ** 20:,.1f} MiB"
   for r in rows:
@@ -343,11 +359,16 @@ def table(rows: list[dict]) -> str:
         mib(r["opt_state"]), mib(r["state_total"]),
         mib(r["ideal_state_total"]),
         "n/a" if ratio is None else f"{100 * (ratio - 1):+.2f}%",
-        mib(r["frozen"]), mib(r["temp"]), mib(r["total"]),
+        mib(r["frozen"]),
+        "n/a" if r.get("model_flops_per_device") is None else
+        f"{r['model_flops_per_device'] / 1e12:.3f}",
+        mib(r["temp"]), mib(r["total"]),
         "n/a" if flops is None else f"{flops / 1e12:.3f}"]) + " |")
   compiled = rows[0].get("compiled_stage")
   lines.append(
-      "exact (shapes x shardings, no compile): params .. frozen; * from XLA "
+      "exact (shapes x shardings, no compile): params .. frozen; model "
+      "TFLOP/dev: the task's analytic FLOPs (florax.models.flops, what the "
+      "trainer's MFU uses); * from XLA "
       + ("(not compiled: --no_compile)" if compiled is None else
          f"(one CPU compile at stage {compiled}"
          + (", scanned layers: FLOPs count each scanned body once"
