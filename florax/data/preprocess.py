@@ -43,6 +43,17 @@ def resize_center_crop_spec(size: int, resize_size: int, mean, std) -> dict:
           "mean": [float(m) for m in mean], "std": [float(s) for s in std]}
 
 
+def data_eval_spec(data_cfg) -> dict:
+  """The eval-time transform of a task's `config.data`: the embedded digits
+  are resized whole to [-1, 1]; records are centre-cropped and normalised
+  like the records pipeline's eval path."""
+  if data_cfg.name == "digits":
+    return resize_spec(data_cfg.image_size)
+  rc = data_cfg.records
+  return center_crop_spec(data_cfg.image_size, rc.crop_fraction, rc.mean,
+                          rc.std)
+
+
 def _resize_center_crop(image: Image.Image, resize: int, size: int
                         ) -> np.ndarray:
   """torchvision's Resize(resize) then CenterCrop(size), on PIL: the shorter

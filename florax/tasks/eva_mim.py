@@ -139,11 +139,8 @@ class EVAMIMTask(base.Task):
   @property
   def teacher(self) -> frozen_tower.FrozenImageTower:
     if self._teacher is None:
-      t = self.config.teacher
-      self._teacher = frozen_tower.FrozenImageTower(t.path, t.get("step", -1),
-                                                    self.dtype)
-      spec = self.preprocess_spec()
-      self._teacher.set_input_stats(spec["mean"], spec["std"])
+      self._teacher = frozen_tower.from_config(
+          self.config.teacher, self.dtype, self.preprocess_spec())
     return self._teacher
 
   @property
@@ -243,12 +240,7 @@ class EVAMIMTask(base.Task):
   # -- evaluation -----------------------------------------------------------
 
   def preprocess_spec(self) -> dict:
-    cfg = self.config.data
-    if cfg.name == "digits":
-      return preprocess.resize_spec(cfg.image_size)
-    rc = cfg.records
-    return preprocess.center_crop_spec(cfg.image_size, rc.crop_fraction,
-                                       rc.mean, rc.std)
+    return preprocess.data_eval_spec(self.config.data)
 
   def feature_extractor(self) -> mesh_map.MeshMap:
     """(params, images) -> the student's mean patch token (frozen probe)."""

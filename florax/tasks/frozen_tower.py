@@ -182,6 +182,15 @@ class FrozenImageTower:
   _renormalise = False
 
 
+def from_config(teacher_cfg, dtype, input_spec: dict) -> FrozenImageTower:
+  """The teacher of `config.teacher` (path, step), fed pixels normalised by
+  the consumer's `input_spec` (its preprocess spec's mean/std)."""
+  tower = FrozenImageTower(teacher_cfg.path, teacher_cfg.get("step", -1),
+                           dtype)
+  tower.set_input_stats(input_spec["mean"], input_spec["std"])
+  return tower
+
+
 def resample_to_grid(features, grid: int):
   """(B, g, g, C) teacher features on the student's (grid x grid) patches:
   average-pooled when the teacher's grid is a multiple of the student's,

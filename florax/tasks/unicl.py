@@ -343,12 +343,7 @@ class UniCLTask(base.Task):
     """The eval-time image transform (also recorded in exports and used by
     florax.inference): digits are resized whole to [-1, 1], records are
     centre-cropped and normalised like the records pipeline's eval path."""
-    cfg = self.config.data
-    if cfg.name == "digits":
-      return preprocess.resize_spec(cfg.image_size)
-    rc = cfg.records
-    return preprocess.center_crop_spec(cfg.image_size, rc.crop_fraction,
-                                       rc.mean, rc.std)
+    return preprocess.data_eval_spec(self.config.data)
 
   def _embedder(self, name, fn):
     if name not in self._embedders:
