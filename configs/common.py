@@ -43,6 +43,11 @@ def base_config() -> ml_collections.ConfigDict:
   # layer l of L trains at lr * layer_decay ** (L + 1 - l), embeddings l = 0,
   # heads and final norms l = L + 1 (florax/train/layer_decay.py).
   c.optimizer.layer_decay = 1.0
+  # Per-param lr factors on top of the layer decay: ((regex, factor), ...)
+  # over flat param names, the first matching pattern's factor applies (its
+  # weight decay is scaled with it, as BEiT's param-group lr). unilm's BEiT-3
+  # VQA trains its head at x20: (("^head/", 20.0),). () = none.
+  c.optimizer.lr_multipliers = ()
   # EMA of the weights kept in the optimizer state, used by evaluation (0 =
   # off; BEiT/EVA fine-tuning: 0.9999). florax/train/ema.py.
   c.optimizer.ema_decay = 0.0

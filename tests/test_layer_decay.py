@@ -5,6 +5,9 @@
    CoSwin / ViT / Florence two-tower trees (jax.eval_shape) equal BEiT's
    rule decay ** (L + 1 - layer), computed here by a naive loop over flat
    names written from the spec; each slice of a scanned array gets its own.
+   BEiT-3's Multiway (bare, and as `multiway/` beside a head) follows
+   unilm's beit3 rule (embeddings 0, block i -> i + 1, final norms L + 1);
+   a `block{i}` elsewhere claims no tower.
 2. Two adamw steps: every update with layer_decay=d is its update with
    layer_decay=1 times the expected multiplier (to 1e-6), weight decay
    included, scanned slices each with their own.
@@ -235,6 +238,100 @@ def test_florence_two_tower_counts_each_tower(scan):
   check_against_reference(params, 0.75)
   towers = {t.prefix: t.depth for t in layer_decay.find_towers(params)}
   assert towers == {("image_encoder",): 4, ("text_encoder",): 2}
+
+
+# -- 1b. BEiT-3 Multiway ----------------------------------------------------
+
+def multiway_tree(caption_model=False):
+  """The tiny Multiway's params (init with images AND text: every param);
+  caption_model: wrapped as `multiway/` beside `mlm_head/`."""
+  from florax.models import multiway
+  cfg = multiway.config_for("tiny")
+  model = (multiway.CaptionModel if caption_model else multiway.Multiway)(cfg)
+  return nn.unbox(jax.eval_shape(
+      lambda r: model.init(r, jnp.zeros((2, 32, 32, 3)),
+                           jnp.zeros((2, 16), jnp.int32)),
+      jax.random.key(0))["params"])
+
+
+def multiway_expected(name, prefix, depth, decay):
+  """unilm beit3's get_num_layer_for_vit, by hand: the embeddings are layer
+  0, encoder layer i is i + 1, all else (final norms, anything beside the
+  backbone) L + 1; multiplier decay ** (L + 1 - layer)."""
+  if not name.startswith(prefix):
+    return 1.0
+  top = name[len(prefix):].split("/")[0]
+  if top in ("vision_embed", "text_embed"):
+    return decay ** (depth + 1)
+  if m := re.fullmatch(r"block(\d+)", top):
+    return decay ** (depth - int(m[1]))
+  return 1.0
+
+
+@pytest.mark.parametrize("wrapped", ["bare", "caption", "vqa"])
+def test_multiway_multipliers_follow_beit3(wrapped):
+  params = multiway_tree(caption_model=wrapped == "caption")
+  if wrapped == "vqa":  # a task's layout: the backbone beside pooler, head
+    params = {"multiway": params,
+              "pooler": {"norm": {"scale": sds(64)},
+                         "dense": {"kernel": sds(64, 64)}},
+              "head": {"dense1": {"kernel": sds(64, 128)},
+                       "dense2": {"kernel": sds(128, 10)}}}
+  prefix = "" if wrapped == "bare" else "multiway/"
+  got = computed(params, 0.5)
+  for name, mult in got.items():
+    np.testing.assert_array_equal(
+        mult, multiway_expected(name, prefix, 3, 0.5), err_msg=name)
+  # Landmarks written out (3 layers, decay 0.5): embeddings 0.5 ** 4.
+  want = {"vision_embed/cls_token": 0.0625, "vision_embed/mask_token": 0.0625,
+          "vision_embed/pos_embed": 0.0625,
+          "vision_embed/patch_embed/kernel": 0.0625,
+          "text_embed/pos_embed": 0.0625,
+          "text_embed/token_embed/embedding": 0.0625,
+          "block0/attn/qkv/kernel": 0.125, "block0/mlp_l/fc1/kernel": 0.125,
+          "block1/norm1_v/scale": 0.25, "block1/mlp_v/norm/scale": 0.25,
+          "block2/mlp_vl/fc2/kernel": 0.5, "block2/norm2_vl/bias": 0.5,
+          "norm_v/scale": 1.0, "norm_l/bias": 1.0}
+  for name, value in want.items():
+    assert got[prefix + name].flat[0] == value, name
+  assert sum(m.flat[0] == 0.0625 for m in got.values()) == 7
+  outside = [n for n in got if not n.startswith(prefix)]
+  assert all((got[n] == 1.0).all() for n in outside)
+  assert [(t.prefix, t.kind, t.depth)
+          for t in layer_decay.find_towers(params)] == [
+              (tuple(prefix.split("/")[:-1]), "multiway", 3)]
+
+
+def test_multiway_named_encoder_is_a_multiway():
+  # Not the shared encoder's `encoder/block{i}`: its embeddings are inside.
+  params = {"encoder": multiway_tree(), "head": {"kernel": sds(64, 2)}}
+  got = computed(params, 0.5)
+  assert got["encoder/vision_embed/cls_token"].flat[0] == 0.0625
+  assert got["encoder/text_embed/pos_embed"].flat[0] == 0.0625
+  assert got["encoder/block1/attn/qkv/kernel"].flat[0] == 0.25
+  assert got["encoder/norm_v/scale"].flat[0] == 1.0
+  assert [(t.prefix, t.kind) for t in layer_decay.find_towers(params)] == [
+      (("encoder",), "multiway")]
+
+
+def test_generic_block_names_claim_no_tower():
+  # block{i} beside other names than vision_embed/text_embed (a decoder with
+  # a token embedding, a bare stack) is not a Multiway: the ViT tower keeps
+  # its depth and the rest trains at the full lr (the spec's reference).
+  fc = {"mlp": {"fc1": {"kernel": sds(8, 16)}}}
+  params = spec_two_tower(image_depth=3, text_depth=2)
+  params["decoder"] = {"token_embed": {"embedding": sds(10, 8)},
+                       "block0": fc, "block1": fc}
+  params["stack"] = {"block0": fc, "block7": fc}
+  ref = check_against_reference(params, 0.5)
+  assert (ref["decoder/block1/mlp/fc1/kernel"] == 1.0).all()
+  assert (ref["decoder/token_embed/embedding"] == 1.0).all()
+  assert [(t.prefix, t.kind, t.depth)
+          for t in layer_decay.find_towers(params)] == [
+              (("image_encoder",), "transformer", 3),
+              (("text_encoder",), "transformer", 2)]
+  with pytest.raises(ValueError, match="no recognizable encoder layers"):
+    layer_decay.multipliers({"decoder": params["decoder"]}, 0.5)
 
 
 # -- 2. one optimizer, two settings -----------------------------------------

@@ -1,5 +1,6 @@
 """AdamW with decoupled weight decay, warmup + cosine, gradient clipping;
-optionally layer-wise lr decay, frozen params and an EMA of the weights.
+optionally layer-wise lr decay, per-param lr multipliers, frozen params and
+an EMA of the weights.
 
 The learning rate is a function of the run's own step (a Florence stage
 started with init_from counts from 0, so each stage has its own warmup and
@@ -212,6 +213,11 @@ def build_optimizer(cfg: ml_collections.ConfigDict, total_steps,
 
   Optional fields (a config without them gets the plain optimizer and the
   same state tree):
+    lr_multipliers: ((regex, factor), ...) over flat param names; a param's
+      lr, weight decay included, is multiplied by the factor of the first
+      pattern that matches it, times its layer-decay multiplier (a task
+      head at x20: unilm's BEiT-3 VQA). Applied by the same update scaling
+      as the layer decay, so the state tree does not change either.
     freeze: regular expressions over flat param names; a matching param is
       never updated (no step, no weight decay): a linear probe's tower,
       LiT's locked image tower.
@@ -221,7 +227,8 @@ def build_optimizer(cfg: ml_collections.ConfigDict, total_steps,
   Raises:
     ValueError: unknown optimizer, layer_decay outside (0, 1], or < 1 for a
       model without encoder layers, ema_decay outside [0, 1), a bad freeze
-      pattern (called before anything compiles).
+      pattern, a malformed lr_multipliers entry or one of its patterns that
+      sets no param (called before anything compiles).
   """
   if cfg.name != "adamw":
     raise ValueError(f"unknown optimizer {cfg.name!r}; supported: 'adamw'")
@@ -229,6 +236,10 @@ def build_optimizer(cfg: ml_collections.ConfigDict, total_steps,
   decay = layer_decay_lib.check_value(cfg.get("layer_decay", 1.0))
   ema_decay = ema_lib.check_decay(cfg.get("ema_decay", 0.0))
   frozen = frozen_mask(params, cfg.get("freeze", ()))
+  # One scale per param, layer decay times lr_multipliers' factor (an older
+  # run's config.json has no lr_multipliers: none).
+  scales = layer_decay_lib.lr_scales(params, decay,
+                                     cfg.get("lr_multipliers", ()))
   schedule = (learning_rate_schedule(cfg, total_steps)
               if isinstance(total_steps, int)
               else segmented_schedule(cfg, total_steps))
@@ -239,9 +250,8 @@ def build_optimizer(cfg: ml_collections.ConfigDict, total_steps,
                   weight_decay=cfg.weight_decay,
                   mask=decay_mask(params, cfg.no_decay_patterns)),
   )
-  if decay < 1.0:
-    tx = layer_decay_lib.scale_updates(
-        tx, layer_decay_lib.multipliers(params, decay))
+  if any(s is not None for s in scales):
+    tx = layer_decay_lib.scale_updates(tx, scales)
   if frozen is not None:
     # Zeroed on the way in too, so that gradient clipping and the moments
     # see a frozen param's gradient as 0 whether or not the loss stops it.
