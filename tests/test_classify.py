@@ -19,6 +19,13 @@ EMA (florax/train/ema.py) and frozen params (optimizer.freeze).
    comes back on resume and in `export --ema`, whose
    `inference.classify` gives the task's logits; init_from restarts the
    EMA at the loaded weights.
+7. BEiT-3's Multiway tower (arch 'multiway', the beit3_tiny preset): the
+   logits are numpy's LayerNorm (fc_norm) of the mean of the Multiway's own
+   patch tokens, through the head; the language / VL experts and the mask
+   token get exactly zero gradient and are exactly what the preset freezes;
+   the analytic step FLOPs equal the lowered gradient's matmul count; layer
+   decay is BEiT-3's, by hand; init_from maps a BEiT-3-style `multiway/...`
+   tree onto the tower; validate() names the field.
 """
 
 import functools
@@ -38,9 +45,12 @@ from configs import common, finetune
 from florax import export, inference, restore, tasks
 from florax.data import digits
 from florax.evaluate import checkpoint_eval
+from florax.models import flops, multiway
+from florax.tasks import base as task_base
 from florax.tasks import classify
 from florax.train import checkpoint as ckpt_lib
 from florax.train import ema as ema_lib
+from florax.train import init_from
 from florax.train import layer_decay
 from florax.train import optimizer as opt_lib
 from florax.train import trainer as trainer_lib
@@ -495,3 +505,157 @@ def test_init_from_restarts_the_ema_at_the_loaded_weights(run, tmp_path):
   jax.tree.map(np.testing.assert_array_equal, state["params"]["image_encoder"],
                source["image_encoder"])
   jax.tree.map(np.testing.assert_array_equal, ema, state["params"])
+
+
+# -- 7. BEiT-3's Multiway tower (model.image.arch='multiway') -----------------
+
+B3_BATCH = 4
+
+
+def beit3_config(**overrides):
+  """The beit3_tiny preset (the tiny Multiway: 32 px, patch 8)."""
+  cfg = finetune.get_config("beit3_tiny")
+  with cfg.unlocked():
+    apply_overrides(cfg, {"data.random_shift": 0, **overrides})
+  return cfg
+
+
+class Beit3(NamedTuple):
+  task: classify.ClassifyTask
+  params: dict  # jax arrays of the task's shapes, random values
+  batch: dict
+
+
+def _random_like(abstract, seed: int):
+  """Random params of `abstract`'s shapes: kernels and embeddings ~ N(0,
+  0.1^2), norm scales ~ N(1, 0.1^2), other vectors ~ N(0, 0.1^2). The
+  Multiway's init compiles for ~10 s on 2 cores; any values serve the tests
+  (and a fresh fc_norm, the identity, or the 0.001-scaled head would hide
+  mistakes in the reference check)."""
+  rng = np.random.default_rng(seed)
+  def leaf(path, x):
+    mean = 1.0 if getattr(path[-1], "key", None) == "scale" else 0.0
+    return jnp.asarray(mean + 0.1 * rng.normal(size=x.shape), jnp.float32)
+  return jax.tree_util.tree_map_with_path(leaf, abstract)
+
+
+@pytest.fixture(scope="module")
+def beit3(tmp_path_factory) -> Beit3:
+  task = tasks.build(beit3_config(), str(tmp_path_factory.mktemp("beit3")))
+  params = _random_like(
+      nn.unbox(jax.eval_shape(task.init, jax.random.key(0))), 1)
+  rng = np.random.default_rng(2)
+  images = rng.normal(size=(B3_BATCH, 32, 32, 3)).astype(np.float32)
+  labels = np.arange(B3_BATCH, dtype=np.int32)
+  return Beit3(task, params, {"image": images, "label": labels})
+
+
+@pytest.fixture(scope="module")
+def beit3_grad(beit3):
+  """(the lowered gradient program of the task's loss, its gradients)."""
+  lowered = jax.jit(jax.grad(
+      lambda p, b: beit3.task.loss(p, b, jax.random.key(2))[0])).lower(
+          beit3.params, beit3.batch)
+  return lowered, jax.device_get(lowered.compile()(beit3.params,
+                                                   beit3.batch))
+
+
+def test_multiway_logits_are_fc_norm_of_the_mean_patch_token(beit3):
+  params = jax.device_get(beit3.params)
+  got = jax.jit(beit3.task.model.apply)({"params": beit3.params},
+                                        beit3.batch["image"])
+  # The backbone's own image tokens, on the same params.
+  tokens, _ = jax.jit(lambda p, x: multiway.Multiway(
+      multiway.config_for("tiny")).apply({"params": p}, images=x))(
+          beit3.params["image_encoder"]["multiway"], beit3.batch["image"])
+  pooled = np.asarray(tokens, np.float64)[:, 1:].mean(axis=1)  # no [cls]
+  fc, head = params["image_encoder"]["fc_norm"], params["head"]
+  mu = pooled.mean(-1, keepdims=True)
+  var = ((pooled - mu) ** 2).mean(-1, keepdims=True)
+  normed = (pooled - mu) / np.sqrt(var + 1e-5) * fc["scale"] + fc["bias"]
+  want = normed @ head["kernel"] + head["bias"]
+  np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)
+
+
+def _language_side(name: str) -> bool:
+  """A language or vision-language expert of the Multiway (norm1_l,
+  mlp_vl, the final norm_l, ...)."""
+  return any(part.endswith(("_l", "_vl")) for part in name.split("/"))
+
+
+def test_multiway_language_experts_get_exactly_zero_gradient(beit3,
+                                                             beit3_grad):
+  grads = export.flatten_params(beit3_grad[1])
+  assert not any("text_embed" in n for n in grads)  # no text input at all
+  zero = {n for n, g in grads.items() if not np.any(g)}
+  unused = {n for n in grads if _language_side(n)} | {
+      "image_encoder/multiway/vision_embed/mask_token"}
+  assert any("mlp_vl" in n for n in unused) and len(unused) > 20
+  assert zero == unused
+  # The preset freezes exactly those (no AdamW weight decay on them).
+  mask = opt_lib.frozen_mask(beit3.params,
+                             beit3.task.config.optimizer.freeze)
+  frozen = {n for n, f in export.flatten_params(mask).items() if f}
+  assert frozen == unused
+
+
+def test_multiway_step_flops_equal_the_programs_matmuls(beit3, beit3_grad):
+  counted = flops.hlo_matmul_flops(beit3_grad[0])
+  analytic = beit3.task.step_flops(task_base.DEFAULT_KIND, B3_BATCH)
+  assert analytic == pytest.approx(counted, rel=1e-9)
+
+
+def test_multiway_layer_decay_is_beit3s(beit3):
+  cfg = beit3.task.config
+  decay, depth = cfg.optimizer.layer_decay, 3
+  assert decay == 0.65
+  names = list(export.flatten_params(beit3.params))
+  got = dict(zip(names, layer_decay.multipliers(beit3.params, decay)))
+  for name in names:
+    if m := re.match(r"image_encoder/multiway/block(\d+)/", name):
+      want = 0.65 ** (depth - int(m[1]))  # block i is layer i + 1
+    elif name.startswith("image_encoder/multiway/vision_embed/"):
+      want = 0.65 ** (depth + 1)  # layer 0
+    else:  # norm_v / norm_l, fc_norm, the head: after the encoder
+      assert re.match(r"(image_encoder/(multiway/norm_[vl]|fc_norm)|head)/",
+                      name), name
+      want = 1.0
+    np.testing.assert_allclose(1.0 if got[name] is None else got[name], want,
+                               rtol=1e-12, err_msg=name)
+
+
+def test_multiway_init_from_loads_a_beit3_backbone(beit3, tmp_path):
+  from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
+  # A beit3_mdm run's params: the backbone initialised with images AND text
+  # (text_embed too) under `multiway/`, and an MDM head.
+  backbone = _random_like(nn.unbox(jax.eval_shape(
+      lambda: multiway.Multiway(multiway.config_for("tiny")).init(
+          jax.random.key(7), images=jnp.zeros((1, 32, 32, 3)),
+          text=jnp.ones((1, 4), jnp.int32))["params"])), 7)
+  source = {f"multiway/{k}": np.asarray(v, np.float32) for k, v in
+            export.flatten_params(jax.device_get(backbone)).items()}
+  assert any(k.startswith("multiway/text_embed/") for k in source)
+  source["mlm_head/kernel"] = np.ones((64, 128), np.float32)
+  save_file(source, str(tmp_path / "params.safetensors"))
+  read, _ = init_from.read_source(str(tmp_path))
+  prefixes = [tuple(p) for p in beit3.task.config.init_from.prefixes]
+  params, report = init_from.load_matching(beit3.params, read, prefixes)
+  flat = export.flatten_params(jax.device_get(params))
+  tower = sorted(n for n in flat if n.startswith("image_encoder/multiway/"))
+  assert sorted(report["loaded"]) == tower and not report["skipped"]
+  assert sorted(report["fresh"]) == sorted(
+      n for n in flat if not n.startswith("image_encoder/multiway/"))
+  for name in tower:
+    np.testing.assert_array_equal(
+        flat[name], source["multiway/" + name[len("image_encoder/multiway/"):]],
+        err_msg=name)
+
+
+@pytest.mark.parametrize("overrides,match", [
+    ({"model.image.image_size": 64}, r"model\.image\.image_size=32"),
+    ({"model.image.num_vl_layers": 4}, "num_vl_layers"),
+    ({"model.image.pool": "mean"}, r"model\.image\.pool.*MultiwayConfig"),
+])
+def test_multiway_validate_names_the_field(overrides, match, tmp_path):
+  with pytest.raises(ValueError, match=match):
+    tasks.build(beit3_config(**overrides), str(tmp_path))

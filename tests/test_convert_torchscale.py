@@ -172,6 +172,24 @@ def test_image_size_from_checkpoint_and_override(fixture):
     ts.arch_fields("beit3_base_patch14_224")
 
 
+def test_checkpoint_without_final_norm_converts_without_it(fixture):
+  """unilm's classification/VQA checkpoints have no encoder.layer_norm (built
+  with normalize_output=False): the converted model has no norm_v/norm_l and
+  every other tensor is the one the full checkpoint gives."""
+  state, _, _ = fixture
+  cut = {k: v for k, v in state.items()
+         if not k.startswith("beit3.encoder.layer_norm.")}
+  assert len(cut) == len(state) - 4  # A/B x weight/bias
+  config, params, _ = ts.convert_state_dict(cut, ref.ARCH)
+  assert config["multiway"]["normalize_output"] is False
+  full_config, full, _ = ts.convert_state_dict(state, ref.ARCH)
+  assert full_config["multiway"]["normalize_output"] is True
+  assert set(full) - set(params) == {"norm_v/scale", "norm_v/bias",
+                                     "norm_l/scale", "norm_l/bias"}
+  for k, v in params.items():
+    np.testing.assert_array_equal(v, full[k])
+
+
 def test_errors_name_the_tensors(fixture):
   state, _, _ = fixture
   with pytest.raises(ValueError, match="unknown torchscale BEiT3 arch"):

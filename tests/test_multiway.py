@@ -216,6 +216,8 @@ def test_bad_configs_raise():
     multiway.config_for("huge")
   with pytest.raises(ValueError, match="multiway_attention"):
     multiway.validate(multiway.config_for("tiny", multiway_attention="yes"))
+  with pytest.raises(ValueError, match="normalize_output"):
+    multiway.validate(multiway.config_for("tiny", normalize_output="yes"))
   multiway.validate(multiway.config_for("giant"))
 
 
@@ -305,3 +307,81 @@ def test_remat_gives_the_same_tokens(tiny, pair_out):
   want = pair_out[0]
   got, _ = _pair(remat, params, images, text)
   np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-6)
+
+
+# -- normalize_output=False (torchscale's args.normalize_output) ---------------
+
+def _no_norm(tiny):
+  """The tiny model without its final norms, holding the tiny model's params
+  less norm_v/norm_l."""
+  cfg, _, params, _, _ = tiny
+  model = multiway.Multiway(dataclasses.replace(cfg, normalize_output=False))
+  return model, {k: v for k, v in params.items()
+                 if k not in ("norm_v", "norm_l")}
+
+
+def test_no_final_norm_param_tree(tiny):
+  cfg, _, params, images, text = tiny
+  model, _ = _no_norm(tiny)
+  got = _flat(jax.eval_shape(model.init, jax.random.key(0), images,
+                             text)["params"])
+  want = {k: v for k, v in _flat(params).items()
+          if k[0] not in ("norm_v", "norm_l")}
+  # The True tree does hold the two norms, so the filter above is not empty.
+  assert {k[0] for k in _flat(params)} >= {"norm_v", "norm_l"}
+  assert {k: v.shape for k, v in got.items()} == {
+      k: v.shape for k, v in want.items()}
+
+
+@pytest.mark.parametrize("kind", ["pair", "image"])
+def test_no_final_norm_tokens_are_the_pre_norm_tokens(tiny, kind):
+  cfg, model, params, images, text = tiny
+  bare, bare_params = _no_norm(tiny)
+  # Distinct random scales/biases for norm_v and norm_l (init's 1/0 would not
+  # catch a norm applied to the wrong modality).
+  rng = np.random.default_rng(7)
+  params = dict(params)
+  for name in ("norm_v", "norm_l"):
+    params[name] = jax.tree.map(
+        lambda p: p.replace_boxed(jnp.asarray(
+            rng.normal(size=p.value.shape), jnp.float32)),
+        params[name], is_leaf=lambda p: isinstance(p, nn.Partitioned))
+  # The pair covers norm_l on the text tokens; an image-only call must use
+  # norm_v on every token.
+  args = dict(images=images, text=text if kind == "pair" else None)
+  run = lambda m, p: jax.jit(lambda p: m.apply({"params": p}, **args))(p)
+  normed, valid = run(model, params)
+  raw, raw_valid = run(bare, bare_params)
+  np.testing.assert_array_equal(np.asarray(valid), np.asarray(raw_valid))
+  p64 = {name: {k: np.asarray(v, np.float64) for k, v in nn.meta.unbox(
+      params[name]).items()} for name in ("norm_v", "norm_l")}
+  raw = np.asarray(raw, np.float64)
+  split = cfg.num_image_tokens if kind == "pair" else raw.shape[1]
+  want = np.concatenate([_ln(raw[:, :split], p64["norm_v"], cfg.norm_eps),
+                         _ln(raw[:, split:], p64["norm_l"], cfg.norm_eps)], 1)
+  np.testing.assert_allclose(np.asarray(normed), want, atol=1e-4, rtol=1e-4)
+  # The bare tokens are not normalised (else the check above is vacuous).
+  assert np.abs(raw - np.asarray(normed)).max() > 0.1
+
+
+def test_no_final_norm_cached_decoding_matches_the_full_call(tiny):
+  cfg, _, _, images, text = tiny
+  model, params = _no_norm(tiny)
+  text = text[:1, :5]                      # unpadded caption
+  full, _ = jax.jit(lambda p: model.apply(
+      {"params": p}, images[:1], text,
+      method=multiway.Multiway.encode_caption))(params)
+  cache = multiway.init_cache(model.config, 1, text.shape[1])
+  pre, _, cache = jax.jit(lambda p, c: model.apply(
+      {"params": p}, images=images[:1], text=text[:, :3], cache=c))(params,
+                                                                    cache)
+  steps = [pre[:, cfg.num_image_tokens:]]
+  step = jax.jit(lambda p, t, c, i: model.apply(
+      {"params": p}, text=t, cache=c, cache_index=i))
+  for t in range(3, text.shape[1]):
+    x, _, cache = step(params, text[:, t:t + 1], cache,
+                       cfg.num_image_tokens + t)
+    steps.append(x)
+  np.testing.assert_allclose(np.concatenate(steps, 1),
+                             np.asarray(full[:, cfg.num_image_tokens:]),
+                             atol=1e-5)

@@ -136,13 +136,21 @@ def checkpoint_image_size(state_dict: Mapping, patch_size: int
 def arch_config(arch: str, image_size: int | None = None,
                 state_dict: Mapping | None = None):
   """The MultiwayConfig of `arch` at `image_size` (default: the size of the
-  checkpoint's vision position table, else the arch's)."""
+  checkpoint's vision position table, else the arch's); a checkpoint without
+  `encoder.layer_norm` (unilm's classification / VQA fine-tunes) gives
+  normalize_output=False."""
   from florax.models import multiway  # pylint: disable=g-import-not-at-top
   fields = arch_fields(arch)
   if image_size is None and state_dict is not None:
     image_size = checkpoint_image_size(state_dict, fields["patch_size"])
   if image_size is not None:
     fields["image_size"] = int(image_size)
+  if state_dict is not None and not any(
+      k.startswith("encoder.layer_norm.") for k in strip_prefix(state_dict)):
+    # unilm's classification and VQA models are built with
+    # normalize_output=False: no final norm in their checkpoints, and none
+    # applied, so none in the converted model either.
+    fields["normalize_output"] = False
   cfg = multiway.MultiwayConfig(**fields)
   multiway.validate(cfg)
   return cfg

@@ -43,7 +43,6 @@ from florax.data import digits
 from florax.data import digits_images
 from florax.data import masking
 from florax.data import mixtures
-from florax.data.pipeline import DigitsSource
 from florax.data.tokenizer import TextTokenizer
 
 PARTS = ("image", "text", "pair")
@@ -193,7 +192,8 @@ def part_dataset(part: str, *, tokenizer: TextTokenizer, settings: MaskSettings,
   """
   part_seed = seed + 1000 * (1 + PARTS.index(part))
   if part == "image":
-    ds = _digits(process_index, process_count, train_examples, batch_size)
+    ds = digits_images.train_shard(process_index, process_count,
+                                   train_examples, batch_size)
     ds = ds.shuffle(seed=part_seed).repeat()
     ds = ds.random_map(digits_images.DigitImage(image_size, random_shift),
                        seed=part_seed + 1)
@@ -210,7 +210,8 @@ def part_dataset(part: str, *, tokenizer: TextTokenizer, settings: MaskSettings,
                        seed=part_seed + 1)
     return _finish(ds, batch_size, rows)
   if part == "pair":
-    ds = _digits(process_index, process_count, train_examples, batch_size)
+    ds = digits_images.train_shard(process_index, process_count,
+                                   train_examples, batch_size)
     ds = ds.shuffle(seed=part_seed).repeat()
     ds = ds.random_map(digits_images.DigitImage(image_size, random_shift),
                        seed=part_seed + 1)
@@ -218,19 +219,6 @@ def part_dataset(part: str, *, tokenizer: TextTokenizer, settings: MaskSettings,
                        seed=part_seed + 2)
     return _finish(ds, batch_size, rows)
   raise ValueError(f"unknown BEiT-3 batch part {part!r}; one of {PARTS}")
-
-
-def _digits(process_index, process_count, train_examples, batch_size):
-  ds = grain.MapDataset.source(DigitsSource("train"))
-  if train_examples >= 0:
-    ds = ds[:train_examples]
-  ds = ds[process_index::process_count]
-  if len(ds) < max(batch_size, 1):
-    raise ValueError(
-        f"per-process batch {batch_size} is larger than this process's "
-        f"{len(ds)} digits training examples (data.train_examples="
-        f"{train_examples}, process {process_index} of {process_count})")
-  return ds
 
 
 def mdm_iterator(*, tokenizer: TextTokenizer, settings: MaskSettings,

@@ -33,6 +33,22 @@ class DigitImage(grain.transforms.RandomMap):
     return {"image": image, "label": np.int32(element["class_id"])}
 
 
+def train_shard(process_index: int, process_count: int, train_examples: int,
+                batch_size: int) -> grain.MapDataset:
+  """This process's share of the train split's first `train_examples` (all
+  if < 0); refuses a per-process batch larger than the share."""
+  ds = grain.MapDataset.source(DigitsSource("train"))
+  if train_examples >= 0:
+    ds = ds[:train_examples]
+  ds = ds[process_index::process_count]
+  if len(ds) < max(batch_size, 1):
+    raise ValueError(
+        f"per-process batch {batch_size} is larger than this process's "
+        f"{len(ds)} digits training examples (data.train_examples="
+        f"{train_examples}, process {process_index} of {process_count})")
+  return ds
+
+
 def digits_image_dataset(*, image_size: int, batch_size: int, seed: int,
                          process_index: int = 0, process_count: int = 1,
                          random_shift: int = 0, train_examples: int = -1,
@@ -45,15 +61,7 @@ def digits_image_dataset(*, image_size: int, batch_size: int, seed: int,
     transforms: RandomMaps applied to each {'image', 'label'} example.
     keys: the batch's keys (default: all the transforms leave).
   """
-  ds = grain.MapDataset.source(DigitsSource("train"))
-  if train_examples >= 0:
-    ds = ds[:train_examples]
-  ds = ds[process_index::process_count]
-  if len(ds) < max(batch_size, 1):
-    raise ValueError(
-        f"per-process batch {batch_size} is larger than this process's "
-        f"{len(ds)} digits training examples (train_examples="
-        f"{train_examples}, process {process_index} of {process_count})")
+  ds = train_shard(process_index, process_count, train_examples, batch_size)
   ds = ds.shuffle(seed=seed).repeat()
   for i, t in enumerate([DigitImage(image_size, random_shift), *transforms]):
     ds = ds.random_map(t, seed=seed + 1 + i)

@@ -63,6 +63,7 @@ from typing import Any
 import numpy as np
 
 from florax.models import coswin as coswin_lib
+from florax.models import multiway as multiway_lib
 from florax.models import text as text_lib
 from florax.models import transformer
 from florax.models import vit as vit_lib
@@ -194,11 +195,15 @@ def text_forward(cfg: text_lib.TextConfig, length: int) -> Forward:
 
 
 def image_tower_forward(model_cfg: Any, image_size: int) -> Forward:
-  """The image tower `config.model.image` describes (arch vit/coswin)."""
+  """The image tower `config.model.image` describes (arch vit/coswin/
+  multiway: the Multiway image-only, its mean pooling and fc_norm have no
+  matmul)."""
   from florax.models import two_tower  # pylint: disable=g-import-not-at-top
   cfg = two_tower.image_config(model_cfg)
   if isinstance(cfg, vit_lib.ViTConfig):
     return vit_forward(cfg)
+  if isinstance(cfg, multiway_lib.MultiwayConfig):
+    return multiway_forward(cfg, images=True)
   return coswin_forward(cfg, image_size)
 
 
@@ -206,7 +211,7 @@ def image_feature_width(model_cfg: Any) -> int:
   """Width of the tower's pooled feature (CoSwin: its last stage)."""
   from florax.models import two_tower  # pylint: disable=g-import-not-at-top
   cfg = two_tower.image_config(model_cfg)
-  if isinstance(cfg, vit_lib.ViTConfig):
+  if isinstance(cfg, (vit_lib.ViTConfig, multiway_lib.MultiwayConfig)):
     return cfg.width
   return cfg.embed_dim * 2 ** (len(cfg.depths) - 1)
 

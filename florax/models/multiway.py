@@ -25,7 +25,16 @@ FLOPs). The price is that one call holds one input kind; a batch mixing
 images, texts and pairs is three calls.
 
 The final LayerNorm is per modality as well (`norm_v` on image tokens,
-`norm_l` on text tokens, split the same way).
+`norm_l` on text tokens, split the same way). `normalize_output=False`
+drops it, as torchscale's `args.normalize_output` (its Encoder builds the
+final norm only when `encoder_normalize_before and normalize_output`): the
+output tokens are the last block's, and norm_v/norm_l are not created at
+all. unilm's BEiT-3 image classification and VQA fine-tuning factories set
+it False (beit3/modeling_finetune.py; each head brings its own LayerNorm:
+the classifier's fc_norm, the VQA pooler's norm); NLVR2, retrieval,
+captioning and the pretraining wrapper keep torchscale's default True. An
+init_from of a pretrained checkpoint into a False model then skips
+norm_{v,l}, as unilm's strict=False load ignores encoder.layer_norm.
 
 Shared or per-modality attention. The paper (§2.1) shares the
 self-attention; torchscale's code (the released BEiT-3 checkpoints) does not:
@@ -49,7 +58,8 @@ Parameter layout (florax.convert.torchscale_beit3 maps it):
   block{i}/norm2_{v,l}            final_layer_norm.{A,B}
   block{i}/mlp_{v,l}/fc1,norm,fc2 ffn.{A,B}.fc1, ffn_layernorm, fc2
   block{i}/{norm1,norm2,mlp}_vl   (none: torchscale has no VL expert)
-  norm_{v,l}                      encoder.layer_norm.{A,B}
+  norm_{v,l}                      encoder.layer_norm.{A,B}  (if
+                                  normalize_output)
   vision_embed/patch_embed        vision_embed.proj
   vision_embed/{cls,mask}_token   vision_embed.{cls,mask}_token
   vision_embed/pos_embed          encoder.embed_positions.A.weight[2:]
@@ -121,6 +131,9 @@ class MultiwayConfig:
   # torchscale's per-modality attention projections (module docstring);
   # False: the paper's shared attention.
   multiway_attention: bool = False
+  # torchscale's normalize_output: False drops the final norm_v/norm_l
+  # (unilm's image classification and VQA models; module docstring).
+  normalize_output: bool = True
   dropout: float = 0.0
   drop_path_rate: float = 0.0
   remat: str = "none"
@@ -189,6 +202,10 @@ def validate(cfg: MultiwayConfig):
   if not isinstance(cfg.multiway_attention, bool):
     raise ValueError(f"Multiway multiway_attention must be true or false, "
                      f"got {cfg.multiway_attention!r}")
+  # A truthy string such as "false" would silently keep the norms.
+  if not isinstance(cfg.normalize_output, bool):
+    raise ValueError(f"Multiway normalize_output must be true or false, "
+                     f"got {cfg.normalize_output!r}")
   transformer.validate(cfg.encoder(), where="Multiway")
 
 
@@ -422,8 +439,10 @@ class TextEmbed(nn.Module):
 
 class Multiway(nn.Module):
   """The BEiT-3 backbone. `__call__(images=None, text=None, image_mask=None)`
-  or the named methods return (tokens (B, N, width) after the final norms,
-  valid (B, N) bool: False at text padding). For an image+text call the
+  or the named methods return (tokens (B, N, width) after the final norms
+  norm_v/norm_l, or straight from the last block when
+  `config.normalize_output` is False; valid (B, N) bool: False at text
+  padding). For an image+text call the
   first `config.num_image_tokens` tokens are the image's.
 
   `seq2seq=True` (image+text only): the captioning mask (`seq2seq_mask`).
@@ -518,16 +537,21 @@ class Multiway(nn.Module):
       else:
         x, cache[f"block{i}"] = block(x, mask, split, fusion, deterministic,
                                       cache[f"block{i}"], cache_index)
-    norm_v = layers.layer_norm(name="norm_v", epsilon=cfg.norm_eps)
-    norm_l = layers.layer_norm(name="norm_l", epsilon=cfg.norm_eps)
-    if self.is_initializing():
-      norm_v(x[:, :0]), norm_l(x[:, :0])
-    if text is None:
-      x = norm_v(x)
-    elif images is None:
-      x = norm_l(x)
-    else:
-      x = jnp.concatenate([norm_v(x[:, :split]), norm_l(x[:, split:])], 1)
+    # normalize_output=False: no final norm, and norm_v/norm_l are never
+    # created (not even by the init-time calls below).
+    if cfg.normalize_output:
+      norm_v = layers.layer_norm(name="norm_v", epsilon=cfg.norm_eps)
+      norm_l = layers.layer_norm(name="norm_l", epsilon=cfg.norm_eps)
+      # Both norms exist after an init of any input kind, so that a
+      # checkpoint's encoder.layer_norm.{A,B} always has a home.
+      if self.is_initializing():
+        norm_v(x[:, :0]), norm_l(x[:, :0])
+      if text is None:
+        x = norm_v(x)
+      elif images is None:
+        x = norm_l(x)
+      else:
+        x = jnp.concatenate([norm_v(x[:, :split]), norm_l(x[:, split:])], 1)
     if cache is not None:
       return x, valid, cache
     return x, valid
@@ -561,6 +585,7 @@ class CaptionModel(nn.Module):
   seq2seq mask and a vocabulary head `mlm_head` (width -> vocab, with bias,
   NOT tied to the word embedding, as unilm's BEiT3ForCaptioning and the
   florax MDM model: an MDM checkpoint's multiway/ and mlm_head/ load as is).
+  unilm's captioner keeps the final norm: leave `normalize_output` True.
 
   `__call__(images, text)` -> caption logits (B, L, vocab) float32, one per
   caption token (what the MLM fine-tuning objective and the no-cache

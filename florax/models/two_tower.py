@@ -1,22 +1,34 @@
 """Two-tower image-text model (Florence, CLIP, EVA-CLIP): an image encoder and
 a text encoder, each followed by a linear projection into a shared space, and
-a learnable temperature."""
+a learnable temperature.
+
+The image tower is `config.model.image`, by its `arch`: 'coswin' (the
+default), 'vit', or 'multiway' (BEiT-3's Multiway backbone run image-only,
+pooled as unilm's BEiT3ForImageClassification: `MultiwayImageTower`).
+`model.image` holds the arch and the fields of that arch's config
+dataclass (CoSwinConfig, ViTConfig, MultiwayConfig), flat; for 'multiway'
+that is `ConfigDict({"arch": "multiway", **vars(MultiwayConfig)})`, the
+fields configs/beit3.py stores as `model.multiway`.
+"""
 
 from __future__ import annotations
 
-from typing import Optional
+import dataclasses
+from typing import Any, Optional
 
 import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
 
-from florax.models import coswin, layers, text, vit
+from florax.models import coswin, layers, multiway, text, vit
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16,
           "float16": jnp.float16}
 
 
-IMAGE_ARCHS = ("coswin", "vit")
+IMAGE_ARCHS = ("coswin", "multiway", "vit")
+_IMAGE_CONFIGS = {"coswin": coswin.CoSwinConfig,
+                  "multiway": multiway.MultiwayConfig, "vit": vit.ViTConfig}
 
 
 def image_arch(model_cfg) -> str:
@@ -29,8 +41,15 @@ def image_arch(model_cfg) -> str:
 def image_config(model_cfg):
   """`config.model.image` as the config dataclass of its `arch` (CoSwin by
   default; config lists become tuples)."""
-  cls = {"coswin": coswin.CoSwinConfig, "vit": vit.ViTConfig}[
-      image_arch(model_cfg)]
+  arch = image_arch(model_cfg)
+  cls = _IMAGE_CONFIGS[arch]
+  # A ValueError naming the field, rather than the dataclass's TypeError
+  # (e.g. a ViT-only `pool` left in a Multiway's model.image).
+  unknown = sorted(set(model_cfg.image) - {"arch"}
+                   - {f.name for f in dataclasses.fields(cls)})
+  if unknown:
+    raise ValueError(f"model.image.{unknown[0]} is not a field of "
+                     f"{cls.__name__} (model.image.arch={arch!r})")
   return cls(**{k: tuple(v) if isinstance(v, (list, tuple)) else v
                 for k, v in model_cfg.image.items() if k != "arch"})
 
@@ -38,6 +57,15 @@ def image_config(model_cfg):
 def validate_image(model_cfg, image_size: int):
   """Checks `config.model.image` against the data's image size."""
   cfg = image_config(model_cfg)
+  if isinstance(cfg, multiway.MultiwayConfig):
+    if cfg.image_size != image_size:
+      # VisionEmbed would refuse it only when traced.
+      raise ValueError(
+          f"Multiway image_size {cfg.image_size} differs from the data's "
+          f"image size {image_size}; set model.image.image_size="
+          f"{image_size} (init_from interpolates the position embedding)")
+    multiway.validate(cfg)
+    return
   (vit.validate if isinstance(cfg, vit.ViTConfig) else coswin.validate)(
       cfg, image_size)
 
@@ -46,7 +74,41 @@ def image_encoder(model_cfg, dtype) -> nn.Module:
   cfg = image_config(model_cfg)
   if isinstance(cfg, vit.ViTConfig):
     return vit.ViT(cfg, dtype=dtype)
+  if isinstance(cfg, multiway.MultiwayConfig):
+    return MultiwayImageTower(cfg, dtype=dtype)
   return coswin.CoSwin(cfg, dtype=dtype)
+
+
+class MultiwayImageTower(nn.Module):
+  """BEiT-3's Multiway backbone as an image tower, pooled as unilm's
+  BEiT3ForImageClassification: images only (`encode_image`: every token
+  runs the vision experts, so the language and VL experts, created at init
+  so that a BEiT-3 checkpoint loads whole, get no gradient), then the mean
+  of the patch tokens ([cls] excluded) and a fresh LayerNorm `fc_norm`.
+
+  Returns (pooled (B, width) float32, {"tokens": (B, N, width)}), as
+  vit.ViT. Params: `multiway/...` (the Multiway's own names: a beit3_mdm
+  run's backbone loads with init_from.prefixes
+  [["multiway", "image_encoder/multiway"]], and layer decay finds the
+  Multiway by its block{i} beside vision_embed) and `fc_norm/...`, which
+  layer decay leaves at the full lr, as BEiT-3's head.
+
+  unilm's image classifier sets normalize_output=False (no final norm
+  before the fc_norm pooling, as BEiT drops `norm`): configs/finetune.py's
+  beit3_base does too; the tiny digits preset keeps norm_v (measured so).
+  """
+  config: multiway.MultiwayConfig
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, images, deterministic: bool = True):
+    tokens, _ = multiway.Multiway(self.config, self.dtype,
+                                  name="multiway").encode_image(
+                                      images, deterministic=deterministic)
+    pooled = jnp.mean(tokens[:, 1:].astype(jnp.float32), axis=1)
+    pooled = layers.layer_norm(name="fc_norm",
+                               epsilon=self.config.norm_eps)(pooled)
+    return pooled, {"tokens": tokens}
 
 
 def has_text(model_cfg) -> bool:

@@ -5,3 +5,6 @@ from florax.tasks import eva_mim  # noqa: F401,E402
 from florax.tasks import classify  # noqa: F401,E402
 from florax.tasks import vqkd  # noqa: F401,E402
 from florax.tasks import beit3_mdm  # noqa: F401,E402
+from florax.tasks import beit3_vqa  # noqa: F401,E402
+from florax.tasks import beit3_caption  # noqa: F401,E402
+from florax.tasks import beit3_retrieval  # noqa: F401,E402

@@ -2,14 +2,21 @@
 
 The fine-tuning stage every family shares (EVA's and BEiT's ImageNet
 fine-tuning, BEiT-3's vision-only use, FLAVA's image classification head):
-the tower of `config.model.image` (arch 'vit' or 'coswin', built by
-`two_tower.image_encoder`) pools each image, and a linear layer `head` maps
-the pooled feature to `model.num_classes` logits. Params are
+the tower of `config.model.image` (arch 'vit', 'coswin' or 'multiway',
+built by `two_tower.image_encoder`) pools each image, and a linear layer
+`head` maps the pooled feature to `model.num_classes` logits. Params are
 `image_encoder/...` and `head/{kernel,bias}`, the layout of florax's
 image-only two-tower model (`two_tower.from_config` with no text tower,
 embed_dim 0 and num_classes), so
   * `init_from.prefixes=[["image_encoder", "image_encoder"]]` seeds the
     tower from any UniCL / EVA / imported run or export;
+  * BEiT-3 (arch 'multiway', `two_tower.MultiwayImageTower`): the Multiway
+    backbone image-only (vision experts), the mean of its patch tokens and
+    `fc_norm`, as unilm's BEiT3ForImageClassification; its params are
+    `image_encoder/multiway/...`, so a beit3_mdm run's backbone loads with
+    `init_from.prefixes=[["multiway", "image_encoder/multiway"]]` and
+    layer decay counts its vision_embed as layer 0 and block i as i + 1
+    (the beit3_* presets of configs/finetune.py set both);
   * `launch.export` of a classify workdir is loaded by
     `florax.inference.load(...)`, whose `classify(images)` gives these
     logits (encode_image gives the unit-norm pooled feature).
