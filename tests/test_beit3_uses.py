@@ -207,6 +207,19 @@ def _flat(tree):
           traverse_util.flatten_dict(tree).items()}
 
 
+def test_pooling_matches_a_loop():
+  rng = np.random.default_rng(5)
+  tokens = rng.normal(size=(3, 6, 4)).astype(np.float32)
+  valid = np.array([[1, 1, 1, 1, 1, 1], [1, 1, 0, 0, 0, 0],
+                    [1, 0, 0, 0, 0, 0]], bool)
+  np.testing.assert_array_equal(
+      beit3_retrieval.pool_tokens(tokens, valid, "cls"), tokens[:, 0])
+  want = np.stack([tokens[i][valid[i]].mean(0) for i in range(3)])
+  np.testing.assert_allclose(
+      beit3_retrieval.pool_tokens(tokens, valid, "mean"), want, rtol=1e-6,
+      atol=1e-6)
+
+
 def test_text_encoding_never_touches_vision_experts(ret):
   task, params = ret
   model = task.model
@@ -245,6 +258,7 @@ def test_text_encoding_never_touches_vision_experts(ret):
     ("caption_tiny", "data.image_size", 64, "data.image_size"),
     ("retrieval_tiny", "retrieval.positives", "pairs", "retrieval.positives"),
     ("retrieval_tiny", "retrieval.embed_dim", 0, "retrieval.embed_dim"),
+    ("retrieval_tiny", "retrieval.pool", "max", "retrieval.pool"),
     ("retrieval_tiny", "data.name", "records", "data.name"),
 ])
 def test_bad_config_refused_before_compile(workdir, name, key, value, match):

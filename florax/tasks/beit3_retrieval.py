@@ -55,6 +55,17 @@ from florax.tasks import beit3_common as common
 from florax.tasks.registry import register
 
 POSITIVES = ("instance", "class")
+POOLS = ("cls", "mean")
+
+
+def pool_tokens(tokens, valid, pool: str):
+  """'cls': the first token (unilm's); 'mean': the mean over the valid
+  tokens (text padding excluded)."""
+  if pool == "cls":
+    return tokens[:, 0]
+  w = valid.astype(jnp.float32)[..., None]
+  return (jnp.sum(tokens.astype(jnp.float32) * w, 1)
+          / jnp.maximum(jnp.sum(w, 1), 1.0)).astype(tokens.dtype)
 
 
 class DualEncoder(nn.Module):
@@ -62,6 +73,7 @@ class DualEncoder(nn.Module):
   config: multiway.MultiwayConfig
   embed_dim: int
   dtype: Any = jnp.float32
+  pool: str = "cls"
 
   def setup(self):
     self.multiway = multiway.Multiway(self.config, self.dtype)
@@ -77,13 +89,16 @@ class DualEncoder(nn.Module):
     return jnp.exp(jnp.minimum(self.log_scale, np.log(100.0)))
 
   def encode_image(self, images, deterministic=True):
-    tokens, _ = self.multiway.encode_image(images,
-                                           deterministic=deterministic)
-    return contrastive.l2_normalize(self.image_proj(tokens[:, 0]))
+    tokens, valid = self.multiway.encode_image(images,
+                                               deterministic=deterministic)
+    return contrastive.l2_normalize(self.image_proj(
+        pool_tokens(tokens, valid, self.pool)))
 
   def encode_text(self, ids, deterministic=True):
-    tokens, _ = self.multiway.encode_text(ids, deterministic=deterministic)
-    return contrastive.l2_normalize(self.text_proj(tokens[:, 0]))
+    tokens, valid = self.multiway.encode_text(ids,
+                                              deterministic=deterministic)
+    return contrastive.l2_normalize(self.text_proj(
+        pool_tokens(tokens, valid, self.pool)))
 
   def __call__(self, images, ids, deterministic=True):
     return (self.encode_image(images, deterministic),
@@ -152,6 +167,9 @@ class BEiT3RetrievalTask(base.Task):
     if not common.is_int(r.embed_dim) or r.embed_dim < 1:
       raise ValueError(f"retrieval.embed_dim must be a positive integer, got "
                        f"{r.embed_dim!r}")
+    if r.get("pool", "cls") not in POOLS:
+      raise ValueError(f"retrieval.pool must be one of {POOLS}, got "
+                       f"{r.pool!r}")
     ks = tuple(r.ks)
     if not ks or not all(common.is_int(k) and k >= 1 for k in ks):
       raise ValueError(f"retrieval.ks must be positive integers, got {ks!r}")
@@ -172,7 +190,8 @@ class BEiT3RetrievalTask(base.Task):
   @property
   def model(self) -> DualEncoder:
     return DualEncoder(self.backbone, int(self.config.retrieval.embed_dim),
-                       two_tower.DTYPES[self.config.model.dtype])
+                       two_tower.DTYPES[self.config.model.dtype],
+                       self.config.retrieval.get("pool", "cls"))
 
   def batch_spec(self, global_batch_size):
     s, length = self.config.data.image_size, self.config.data.max_len
