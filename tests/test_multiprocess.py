@@ -30,21 +30,29 @@ def _losses(workdir):
 
 
 def _run_workers(single, multi, mode):
-  """One process with 4 devices in `single`, two with 2 each in `multi`;
-  returns their outputs after checking every one exited 0."""
+  """One process with 4 devices in `single`, then two with 2 each in
+  `multi`; returns their outputs after checking every one exited 0.
+
+  The reference runs first, alone: three processes at once on a 2-core
+  machine (beside the other pytest worker) could starve one of the pair
+  for more than Gloo's 30 s context-initialisation deadline at the first
+  collective (seen once in CI: DEADLINE_EXCEEDED in GetKeyValue)."""
   env = {**os.environ, "PYTHONPATH": f"{ROOT}:{os.path.join(ROOT, 'tests')}"}
   for k in ("FLORAX_COORDINATOR", "FLORAX_NUM_PROCESSES", "FLORAX_PROCESS_ID"):
     env.pop(k, None)
+  outputs = _wait([subprocess.Popen(
+      [sys.executable, WORKER, str(single), "4", mode], cwd=ROOT, env=env,
+      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)])
   port = _free_port()
-  procs = [subprocess.Popen([sys.executable, WORKER, str(single), "4", mode],
-                            cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)]
-  for i in range(2):
-    procs.append(subprocess.Popen(
-        [sys.executable, WORKER, str(multi), "2", mode], cwd=ROOT,
-        env={**env, "FLORAX_COORDINATOR": f"127.0.0.1:{port}",
-             "FLORAX_NUM_PROCESSES": "2", "FLORAX_PROCESS_ID": str(i)},
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+  return outputs + _wait([subprocess.Popen(
+      [sys.executable, WORKER, str(multi), "2", mode], cwd=ROOT,
+      env={**env, "FLORAX_COORDINATOR": f"127.0.0.1:{port}",
+           "FLORAX_NUM_PROCESSES": "2", "FLORAX_PROCESS_ID": str(i)},
+      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                          for i in range(2)])
+
+
+def _wait(procs):
   outputs = []
   try:
     for p in procs:
