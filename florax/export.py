@@ -187,6 +187,66 @@ def zeroshot_defaults(config) -> dict:
   return {"class_names": None, "templates": list(zeroshot.IMAGENET_TEMPLATES)}
 
 
+def prepare_dir(out_dir: str) -> None:
+  """Creates `out_dir`, replacing an export (or a half-written one) there;
+  anything else is refused rather than deleted."""
+  if os.path.exists(out_dir) and os.listdir(out_dir):
+    if not os.path.exists(os.path.join(out_dir, MANIFEST)) and not all(
+        f.endswith((".safetensors", ".json", ".model", ".jaxexp", ".tmp"))
+        for f in os.listdir(out_dir)):
+      raise FileExistsError(
+          f"{out_dir} exists and is not a florax export; choose another --out")
+    shutil.rmtree(out_dir)
+  os.makedirs(out_dir)
+
+
+def save_params(out_dir: str, params: Mapping[str, Any], dtype: str,
+                step: int) -> dict[str, np.ndarray]:
+  """Writes PARAMS_FILE; returns the flat host arrays it holds."""
+  from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
+  if dtype not in DTYPES:
+    raise ValueError(f"export dtype {dtype!r} is not one of {DTYPES}")
+  np_dtype = jnp.bfloat16 if dtype == "bfloat16" else np.float32
+  # C order: safetensors writes an array's raw memory, so a transposed
+  # (Fortran-ordered) view would come back transposed.
+  flat = {k: np.array(jax.device_get(v), dtype=np_dtype, order="C")
+          for k, v in flatten_params(params).items()}
+  save_file(flat, os.path.join(out_dir, PARAMS_FILE),
+            metadata={"format": FORMAT, "dtype": dtype, "step": str(step)})
+  return flat
+
+
+def save_config(out_dir: str, config: ml_collections.ConfigDict) -> None:
+  with open(os.path.join(out_dir, CONFIG_FILE), "w", encoding="utf-8") as f:
+    f.write(config.to_json_best_effort(indent=1, sort_keys=True))
+
+
+def save_tokenizer(out_dir: str, tokenizer) -> tuple[list[str], dict | None]:
+  """Writes the tokenizer's file; returns ([its name] or [], the manifest's
+  tokenizer entry or None)."""
+  if tokenizer is None:
+    return [], None
+  tok_file, blob = tokenizer.serialize()
+  with open(os.path.join(out_dir, tok_file), "wb") as f:
+    f.write(blob)
+  return [tok_file], {"kind": tokenizer.kind, "file": tok_file,
+                      "vocab_size": int(tokenizer.vocab_size)}
+
+
+def finish(out_dir: str, names: Sequence[str], manifest: dict) -> dict:
+  """Adds every file's size and sha256 to `manifest` and writes it last,
+  atomically: a directory without it is incomplete."""
+  manifest["files"] = {
+      name: {"bytes": os.path.getsize(os.path.join(out_dir, name)),
+             "sha256": sha256_file(os.path.join(out_dir, name))}
+      for name in names}
+  tmp = os.path.join(out_dir, MANIFEST + ".tmp")
+  with open(tmp, "w", encoding="utf-8") as f:
+    json.dump(manifest, f, indent=1)
+  os.replace(tmp, os.path.join(out_dir, MANIFEST))  # last: marks completion
+  return manifest
+
+
 def write_export(out_dir: str, config: ml_collections.ConfigDict,
                  params: Mapping[str, Any], tokenizer, *,
                  step: int, dtype: str = "float32",
@@ -213,7 +273,6 @@ def write_export(out_dir: str, config: ml_collections.ConfigDict,
   Returns:
     The manifest.
   """
-  from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
   from florax.data import preprocess as preprocess_lib  # pylint: disable=g-import-not-at-top
   from florax.data import tokenizer as tok_lib  # pylint: disable=g-import-not-at-top
   from florax.models import two_tower  # pylint: disable=g-import-not-at-top
@@ -225,33 +284,13 @@ def write_export(out_dir: str, config: ml_collections.ConfigDict,
                      "export")
   if dtype not in DTYPES:
     raise ValueError(f"export dtype {dtype!r} is not one of {DTYPES}")
-  if os.path.exists(out_dir) and os.listdir(out_dir):
-    if not os.path.exists(os.path.join(out_dir, MANIFEST)) and not all(
-        f.endswith((".safetensors", ".json", ".model", ".jaxexp", ".tmp"))
-        for f in os.listdir(out_dir)):
-      raise FileExistsError(
-          f"{out_dir} exists and is not a florax export; choose another --out")
-    shutil.rmtree(out_dir)
-  os.makedirs(out_dir)
-
-  np_dtype = jnp.bfloat16 if dtype == "bfloat16" else np.float32
-  # C order: safetensors writes an array's raw memory, so a transposed
-  # (Fortran-ordered) view would come back transposed.
-  flat = {k: np.array(jax.device_get(v), dtype=np_dtype, order="C")
-          for k, v in flatten_params(params).items()}
-  save_file(flat, os.path.join(out_dir, PARAMS_FILE),
-            metadata={"format": FORMAT, "dtype": dtype, "step": str(step)})
-  with open(os.path.join(out_dir, CONFIG_FILE), "w", encoding="utf-8") as f:
-    f.write(config.to_json_best_effort(indent=1, sort_keys=True))
-  names = [PARAMS_FILE, CONFIG_FILE, IMAGE_FN_FILE]
-  tok_info = None
+  prepare_dir(out_dir)
+  flat = save_params(out_dir, params, dtype, step)
+  save_config(out_dir, config)
+  tok_names, tok_info = save_tokenizer(out_dir, tokenizer)
+  names = [PARAMS_FILE, CONFIG_FILE, IMAGE_FN_FILE] + tok_names
   if tokenizer is not None:
-    tok_file, blob = tokenizer.serialize()
-    with open(os.path.join(out_dir, tok_file), "wb") as f:
-      f.write(blob)
-    names += [tok_file, TEXT_FN_FILE]
-    tok_info = {"kind": tokenizer.kind, "file": tok_file,
-                "vocab_size": int(tokenizer.vocab_size)}
+    names.append(TEXT_FN_FILE)
 
   model = two_tower.from_config(config.model)
   img, txt, used = serialize_encoders(
@@ -263,11 +302,7 @@ def write_export(out_dir: str, config: ml_collections.ConfigDict,
       with open(os.path.join(out_dir, name), "wb") as f:
         f.write(blob)
 
-  files = {}
-  for name in names:
-    path = os.path.join(out_dir, name)
-    files[name] = {"bytes": os.path.getsize(path), "sha256": sha256_file(path)}
-  manifest = {
+  return finish(out_dir, names, {
       "format": FORMAT, "version": VERSION, "step": int(step),
       "param_dtype": dtype, "num_params": int(sum(v.size for v in flat.values())),
       "image_size": int(config.data.image_size),
@@ -281,13 +316,7 @@ def write_export(out_dir: str, config: ml_collections.ConfigDict,
       "preprocess": preprocess or preprocess_lib.resize_spec(
           config.data.image_size),
       "zeroshot": zeroshot or zeroshot_defaults(config),
-      "files": files,
-  }
-  tmp = os.path.join(out_dir, MANIFEST + ".tmp")
-  with open(tmp, "w", encoding="utf-8") as f:
-    json.dump(manifest, f, indent=1)
-  os.replace(tmp, os.path.join(out_dir, MANIFEST))  # last: marks completion
-  return manifest
+  })
 
 
 def export_workdir(config: ml_collections.ConfigDict, workdir: str,
@@ -310,11 +339,19 @@ def export_workdir(config: ml_collections.ConfigDict, workdir: str,
   Returns:
     The manifest.
   """
-  from florax import restore, tasks  # pylint: disable=g-import-not-at-top
+  from florax import tasks  # pylint: disable=g-import-not-at-top
   from florax.models import two_tower  # pylint: disable=g-import-not-at-top
   if dtype not in DTYPES:  # fail before any restore
     raise ValueError(f"export dtype {dtype!r} is not one of {DTYPES}")
   task = tasks.build(config, workdir)
+  functions = task.serving()
+  if functions is not None:  # a task that serves more than two encoders
+    from florax import serving  # pylint: disable=g-import-not-at-top
+    params, step = _restore(task, workdir, step, ema)
+    return serving.write(out_dir, config, params, task.serving_tokenizer(),
+                         functions, step=step, dtype=dtype,
+                         platforms=platforms,
+                         preprocess=task.preprocess_spec())
   tokenizer = None
   if two_tower.has_text(config.model):  # an image-only model has none
     tok_path = task.tokenizer_path()
@@ -323,14 +360,19 @@ def export_workdir(config: ml_collections.ConfigDict, workdir: str,
           f"no tokenizer at {tok_path}: the export needs the tokenizer the "
           "model was trained with")
     tokenizer = task.tokenizer
-  abstract = restore.abstract_params(task)
-  if ema:
-    from florax.train import ema as ema_lib  # pylint: disable=g-import-not-at-top
-    params, step = ema_lib.restore_ema_params(workdir, abstract, step)
-  else:
-    params, step = restore.restore_params(workdir, abstract, step)
+  params, step = _restore(task, workdir, step, ema)
   defaults = getattr(task, "zeroshot_defaults", None)
   return write_export(out_dir, config, params, tokenizer, step=step,
                       dtype=dtype,
                       platforms=platforms, preprocess=task.preprocess_spec(),
                       zeroshot=defaults() if defaults else None)
+
+
+def _restore(task, workdir: str, step: int | None, ema: bool):
+  """(params, step) of a checkpoint, or of its weights' EMA."""
+  from florax import restore  # pylint: disable=g-import-not-at-top
+  abstract = restore.abstract_params(task)
+  if ema:
+    from florax.train import ema as ema_lib  # pylint: disable=g-import-not-at-top
+    return ema_lib.restore_ema_params(workdir, abstract, step)
+  return restore.restore_params(workdir, abstract, step)

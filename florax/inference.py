@@ -105,7 +105,13 @@ def read_manifest(export_dir: str, verify_checksums: bool = False) -> dict:
         f"{export_dir} has export format version {manifest.get('version')}; "
         f"this florax reads versions 1 and {_VERSION}")
   tok = manifest.get("tokenizer")
-  for name in _REQUIRED + ((tok["file"], _TEXT_FN) if tok else ()):
+  if "functions" in manifest:  # a served export (florax.serving)
+    required = (_PARAMS, _CONFIG) + tuple(
+        f["file"] for f in manifest["functions"].values())
+    required += (tok["file"],) if tok else ()
+  else:
+    required = _REQUIRED + ((tok["file"], _TEXT_FN) if tok else ())
+  for name in required:
     file = os.path.join(export_dir, name)
     expected = manifest["files"].get(name)
     if expected is None:
@@ -217,6 +223,21 @@ def preprocess(images, size: int) -> np.ndarray:
   return np.stack(out)
 
 
+def preprocess_images(manifest: dict, images) -> np.ndarray:
+  """PIL images or uint8 arrays -> float32 (n, S, S, 3) by the manifest's
+  `preprocess` spec (the run's own eval transform)."""
+  spec = manifest.get("preprocess") or {}
+  if spec.get("transform", "resize") == "resize":
+    return preprocess(images, int(manifest["image_size"]))
+  from florax.data import preprocess as preprocess_lib  # pylint: disable=g-import-not-at-top
+  items = images if isinstance(images, (list, tuple)) else _as_image_list(
+      images)
+  if not items:
+    raise ValueError("no images given")
+  return np.stack([preprocess_lib.apply(im, spec, f"image {i}")
+                   for i, im in enumerate(items)])
+
+
 def bucket_size(n: int, max_batch: int) -> int:
   """The padded batch for n inputs: the next power of two, capped."""
   return min(1 << max(0, (n - 1).bit_length()), max_batch)
@@ -270,16 +291,7 @@ class Model:
   def preprocess(self, images) -> np.ndarray:
     """The run's own eval transform (recorded in the manifest): what the
     training-time evaluators saw, so results match them."""
-    spec = self.manifest.get("preprocess") or {}
-    if spec.get("transform", "resize") == "resize":
-      return preprocess(images, self.image_size)
-    from florax.data import preprocess as preprocess_lib  # pylint: disable=g-import-not-at-top
-    items = images if isinstance(images, (list, tuple)) else _as_image_list(
-        images)
-    if not items:
-      raise ValueError("no images given")
-    return np.stack([preprocess_lib.apply(im, spec, f"image {i}")
-                     for i, im in enumerate(items)])
+    return preprocess_images(self.manifest, images)
 
   def encode_image(self, images) -> np.ndarray:
     """Unit-norm embeddings (n, d) of PIL images or uint8 arrays."""
@@ -375,7 +387,7 @@ def _logit_scale(flat: dict, max_scale: float = 100.0) -> float | None:
 
 
 def load(export_dir: str, *, backend: str = "native", device=None,
-         max_batch: int = 64, verify_checksums: bool = False) -> Model:
+         max_batch: int = 64, verify_checksums: bool = False):
   """Loads an export directory for inference.
 
   Args:
@@ -387,7 +399,8 @@ def load(export_dir: str, *, backend: str = "native", device=None,
     verify_checksums: hash every file against the manifest.
 
   Returns:
-    A Model.
+    A Model (a two-tower export), or a florax.serving.ServedModel (an
+    export of a task's own functions: `run(name, **inputs)`).
   """
   if backend not in BACKENDS:
     raise ValueError(f"backend {backend!r} is not one of {BACKENDS}")
@@ -396,12 +409,21 @@ def load(export_dir: str, *, backend: str = "native", device=None,
   manifest = read_manifest(export_dir, verify_checksums)
   with open(os.path.join(export_dir, _CONFIG), encoding="utf-8") as f:
     config = json.load(f)
+  served = "functions" in manifest
   tokenizer = None
   if manifest.get("tokenizer"):
-    tokenizer = _load_tokenizer(export_dir, manifest,
-                                int(config["model"]["text"]["vocab_size"]))
+    # A served task's text vocabulary is its own business: the manifest's
+    # count and the file's sha256 pin the tokenizer.
+    tokenizer = _load_tokenizer(
+        export_dir, manifest, int(
+            manifest["tokenizer"]["vocab_size"] if served
+            else config["model"]["text"]["vocab_size"]))
   flat = _load_flat_params(export_dir)
   device = device or jax.devices()[0]
+  if served:
+    from florax import serving  # pylint: disable=g-import-not-at-top
+    return serving.load(export_dir, manifest, config, tokenizer, flat,
+                        backend, device, max_batch)
   scale = _logit_scale(flat)
 
   if backend == "exported":

@@ -282,6 +282,15 @@ class CaptionDecoder:
           f"caption positions, more than max_text_len {cfg.max_text_len}")
     return images, prompt, length
 
+  def greedy_tokens(self, variables: Any, images, max_len: int):
+    """Traceable greedy decoding from [BOS] (inside jit or jax.export; the
+    batch may be symbolic): tokens (B, max_len) int32, log-prob (B,)."""
+    length = self.bucket(max_len)
+    prompt = jnp.full((images.shape[0], 1), self.bos_id, jnp.int32)
+    tokens, score = self._greedy_impl(variables, images, prompt,
+                                      jnp.int32(max_len), length=length)
+    return tokens[:, :max_len], score
+
   def greedy(self, variables: Any, images, max_len: int, prompt=None):
     """(tokens (B, max_len) int32, log-prob (B,)): pad after EOS."""
     images, prompt, length = self._inputs(images, prompt, max_len)

@@ -174,6 +174,26 @@ class Task(abc.ABC):
     every process; inputs are fed over the mesh and results are global."""
     return {}
 
+  def preprocess_spec(self) -> dict:
+    """The eval-time image transform (florax.data.preprocess spec) an export
+    records for inference. Default: the whole image resized to
+    data.image_size, scaled to [-1, 1] (the embedded digits')."""
+    from florax.data import preprocess  # pylint: disable=g-import-not-at-top
+    return preprocess.resize_spec(self.config.data.image_size)
+
+  def serving(self) -> dict[str, Any] | None:
+    """What an export of this task serves: {name: florax.serving.Function}
+    (answers, captions, embeddings... each a pure function of params and
+    batched inputs, serialized with `jax.export`), or None for the
+    two-tower export (florax.export.write_export: encode_image/encode_text
+    of `florax.models.two_tower`)."""
+    return None
+
+  def serving_tokenizer(self):
+    """The tokenizer an export of `serving()` holds (its text inputs'), or
+    None when no function reads text."""
+    return None
+
   def flops_per_example(self) -> float | None:
     """Analytic training FLOPs per example, if the task knows them and they
     do not depend on the batch (see `step_flops`)."""

@@ -43,6 +43,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from florax import serving
 from florax.data import digits
 from florax.data import digits_images
 from florax.data import masking
@@ -252,6 +253,22 @@ class BEiT3CaptionTask(base.Task):
           self.model, eos_id=tok.eos_id, bos_id=tok.bos_id,
           mask_id=self.mask_id, pad_id=tok.pad_id, buckets=(n,))
     return self._decoder
+
+  def serving(self):
+    """Greedy captions of images (caption.max_decode_len tokens, [MASK]
+    mode, the KV cache): the evaluation's decoding, one program."""
+    dec = self.decoder()
+    n = int(self.config.caption.max_decode_len)
+    s = self.config.data.image_size
+
+    def caption(params, images):
+      tokens, _ = dec.greedy_tokens({"params": params}, images, n)
+      return tokens
+    return {"caption": serving.Function(
+        caption, (serving.Input("images", "image", (s, s, 3)),), "tokens")}
+
+  def serving_tokenizer(self):
+    return self.text_tokenizer
 
   def holdout(self):
     if self._holdout is None:

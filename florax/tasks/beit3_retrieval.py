@@ -44,6 +44,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from florax import serving
 from florax.data import digits
 from florax.data import pipeline
 from florax.evaluate import mesh_map
@@ -224,6 +225,32 @@ class BEiT3RetrievalTask(base.Task):
                                    self.config.retrieval.positives)
     metrics["temperature"] = 1.0 / scale
     return loss, metrics
+
+  # -- export --------------------------------------------------------------------
+
+  def serving(self):
+    """The two towers' unit embeddings (`ServedModel.encode_image /
+    encode_text / similarity`), as the evaluator computes them."""
+    model, d = self.model, self.config.data
+
+    def image(params, images):
+      return model.apply({"params": params}, images,
+                         method=DualEncoder.encode_image)
+
+    def text(params, ids):
+      return model.apply({"params": params}, ids,
+                         method=DualEncoder.encode_text)
+    s = d.image_size
+    return {
+        "encode_image": serving.Function(
+            image, (serving.Input("images", "image", (s, s, 3)),),
+            "embedding"),
+        "encode_text": serving.Function(
+            text, (serving.Input("text", "text", (d.max_len,), "int32"),),
+            "embedding")}
+
+  def serving_tokenizer(self):
+    return self.text_tokenizer
 
   # -- evaluation ----------------------------------------------------------------
 

@@ -59,6 +59,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from florax import serving
 from florax.data import digits_qa
 from florax.data import tokenizer as tok_lib
 from florax.models import layers, multiway, two_tower
@@ -294,12 +295,37 @@ class _FusionTask(base.Task):
     return {base.DEFAULT_KIND: iter(self.dataset(process_index,
                                                  process_count))}
 
+  # -- export -------------------------------------------------------------------
+
+  #: (served function name, its label names) of the subclass.
+  served: tuple = ()
+
+  def serving(self):
+    """One function over (images..., text) -> logits over the labels: the
+    evaluation's computation (`_inputs` and the model)."""
+    name, labels = self.served
+    model, d = self.model, self.config.data
+    spec = self.batch_spec(1)
+    image_keys = [k for k in spec if k.startswith("images")]
+    inputs = tuple(serving.Input(k, "image", spec[k].shape[1:])
+                   for k in image_keys) + (
+                       serving.Input("text", "text", (d.max_len,), "int32"),)
+
+    def fn(params, *xs):
+      batch = dict(zip(image_keys, xs[:-1]), ids=xs[-1])
+      return model.apply({"params": params}, **self._inputs(batch))
+    return {name: serving.Function(fn, inputs, "labels", tuple(labels))}
+
+  def serving_tokenizer(self):
+    return self.text_tokenizer
+
 
 # -- VQA ----------------------------------------------------------------------------
 
 @register("beit3_vqa")
 class BEiT3VQATask(_FusionTask):
   families = digits_qa.FAMILIES
+  served = ("answer", digits_qa.ANSWERS)
 
   def _validate_task(self):
     head = self.config.model.get("head", "unilm")
@@ -375,6 +401,7 @@ class BEiT3VQATask(_FusionTask):
 @register("beit3_nlvr2")
 class BEiT3NLVR2Task(_FusionTask):
   families = digits_qa.STATEMENT_FAMILIES
+  served = ("reason", ("false", "true"))  # label 1: the statement holds
 
   def _validate_task(self):
     n = self.config.data.holdout_examples
