@@ -5,6 +5,9 @@
                swin_* (SwinTransformer)            florax.convert.timm_swin
                eva*, eva02_* (Eva: EVA, EVA-02,    florax.convert.timm_eva
                the EVA-CLIP trunks)
+               beit3_* (BEiT-3's vision branch     florax.convert.timm_beit3
+               as a VisionTransformer)             (onto the Multiway image
+                                                   classifier, vision_only)
   open_clip    ViT-B-16, ViT-L-14-quickgelu, ...   florax.convert.open_clip
                EVA01-g-14, EVA02-B-16, EVA02-L-14  (its EVA-CLIP trunks via
                (EVA-CLIP: timm trunk + CLIP text)   timm_eva's table)
@@ -39,8 +42,9 @@ SOURCES = ("timm", "open_clip", "hf", "torchscale")
 NOT_YET = {"hf": "Hugging Face checkpoints"}
 
 # timm arch name prefixes -> converter module.
-_TIMM_FAMILIES = (("vit_", "timm_vit"), ("swin_", "timm_swin"),
-                  ("eva", "timm_eva"))
+# First match wins: beit3_ leads so that no broader prefix shadows it.
+_TIMM_FAMILIES = (("beit3_", "timm_beit3"), ("vit_", "timm_vit"),
+                  ("swin_", "timm_swin"), ("eva", "timm_eva"))
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -89,8 +93,9 @@ def module_for(source: str, arch: str):
       if arch.startswith(prefix):
         return importlib.import_module(f"florax.convert.{name}")
     raise ValueError(
-        f"timm arch {arch!r} is not a ViT (vit_*), Swin (swin_*) or EVA "
-        "(eva*) model; those are the timm families florax imports")
+        f"timm arch {arch!r} is not a ViT (vit_*), Swin (swin_*), EVA "
+        "(eva*) or BEiT-3 (beit3_*) model; those are the timm families "
+        "florax imports")
   raise ValueError(f"unknown weight source {source!r}; choose one of "
                    f"{SOURCES}")
 
@@ -149,7 +154,7 @@ def convert(source: str, state_dict: Mapping[str, np.ndarray], arch: str,
       state_dict, arch, image_size, allow_missing)
   params = _c_order(params)
   size = cfg["image_size"]
-  if cfg["family"] == "vit":
+  if cfg["family"] in ("vit", "multiway"):  # ViT, EVA, BEiT-3: per arch
     ev = module.eval_transform(arch)
     spec = eval_preprocess(size, ev["crop_pct"], ev["mean"], ev["std"])
   else:  # timm's Swin weights: ImageNet mean/std, crop_pct 0.9 below 384 px

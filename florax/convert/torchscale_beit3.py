@@ -38,8 +38,10 @@ imports at 384 px without --image_size.
 
 timm also ships BEiT-3 (timm.models.vision_transformer's beit3_* models and
 its `_convert_beit3`): only the vision branch, remapped to a plain ViT
-(branch A kept, q/k/v fused, pos_embed without the offset rows). That is an
-image-only classifier, not a Multiway model; it is not imported here.
+(branch A kept, q/k/v fused, pos_embed without the offset rows). Those
+checkpoints are imported by florax.convert.timm_beit3 (--source timm) as an
+image-only classifier: a `vision_only` Multiway under the same names as the
+vision half of this module's import, pooled by fc_norm, with timm's head.
 """
 
 from __future__ import annotations

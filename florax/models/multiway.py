@@ -73,6 +73,19 @@ other multiway module). The rest of the maths is torchscale's as is: LayerNorm
 eps 1e-5, q scaled by head_dim^-0.5, exact GELU, padded text tokens zeroed
 after their positions are added and masked as keys, per-modality final norm.
 
+Vision-only (`vision_only=True`): the image-only backbone of a BEiT-3
+image classifier whose checkpoint holds only the vision branch (timm's
+beit3_* models, florax.convert.timm_beit3). Only what an image-only forward
+reads is created: vision_embed (without the MIM `mask_token`), each block's
+norm1_v, attention (the shared `attn` or the v copy of a multiway one),
+norm2_v, mlp_v, and norm_v (if normalize_output); no text embedding, no
+language or vision-language experts (`num_vl_layers` is then ignored), no
+norm_l. Text input and image masks are refused with a ValueError. The
+names are those of the full model, so a vision-only checkpoint is the
+vision subset of a full one of the same attention layout (init_from loads
+it into such a model, whose l/vl params stay fresh) and layer decay finds
+it by `vision_embed`.
+
 Image captioning (BEiT-3 §3.1, unilm's BEiT3ForCaptioning): an image+text
 call with `seq2seq=True` uses the seq2seq mask (`seq2seq_mask`): image
 tokens attend to each other only (bidirectionally, never to the caption),
@@ -134,6 +147,9 @@ class MultiwayConfig:
   # torchscale's normalize_output: False drops the final norm_v/norm_l
   # (unilm's image classification and VQA models; module docstring).
   normalize_output: bool = True
+  # Only the vision branch (module docstring): no text embedding, no l/vl
+  # experts, no norm_l, no mask token; text input is refused.
+  vision_only: bool = False
   dropout: float = 0.0
   drop_path_rate: float = 0.0
   remat: str = "none"
@@ -158,7 +174,13 @@ class MultiwayConfig:
         attention_impl=self.attention_impl)
 
   def is_vl_layer(self, i: int) -> bool:
-    return i >= self.depth - self.num_vl_layers
+    return not self.vision_only and i >= self.depth - self.num_vl_layers
+
+  @property
+  def experts(self) -> tuple[str, ...]:
+    """The per-modality experts every block holds ('vl' comes on top in
+    the VL layers)."""
+    return ("v",) if self.vision_only else ("v", "l")
 
 
 # (width, depth, mlp_dim, heads, patch, num_vl_layers). base/large as the
@@ -206,6 +228,9 @@ def validate(cfg: MultiwayConfig):
   if not isinstance(cfg.normalize_output, bool):
     raise ValueError(f"Multiway normalize_output must be true or false, "
                      f"got {cfg.normalize_output!r}")
+  if not isinstance(cfg.vision_only, bool):
+    raise ValueError(f"Multiway vision_only must be true or false, got "
+                     f"{cfg.vision_only!r}")
   transformer.validate(cfg.encoder(), where="Multiway")
 
 
@@ -268,7 +293,7 @@ class MultiwayAttention(nn.Module):
     enc = cfg.encoder()
     heads = cfg.num_heads
     head_dim = cfg.width // heads
-    experts = ("v", "l")
+    experts = cfg.experts
     qkv = {e: layers.dense((3, heads, head_dim),
                            ("embed", None, "heads", "kv"), dtype=self.dtype,
                            name=f"qkv_{e}") for e in experts}
@@ -318,11 +343,11 @@ class MultiwayBlock(nn.Module):
     enc = cfg.encoder()
     names = ("vl",) if self.has_vl else ()
     norm1 = {e: layers.layer_norm(name=f"norm1_{e}", epsilon=cfg.norm_eps)
-             for e in ("v", "l") + names}
+             for e in cfg.experts + names}
     norm2 = {e: layers.layer_norm(name=f"norm2_{e}", epsilon=cfg.norm_eps)
-             for e in ("v", "l") + names}
+             for e in cfg.experts + names}
     mlp = {e: transformer.FeedForward(enc, self.dtype, name=f"mlp_{e}")
-           for e in ("v", "l") + names}
+           for e in cfg.experts + names}
     if fusion and not self.has_vl:
       fusion = False  # below the VL layers a pair is split like torchscale
     if self.is_initializing():
@@ -379,11 +404,17 @@ class VisionEmbed(nn.Module):
                                                ("embed",)),
         name="patch_embed")(images.astype(self.dtype))
     x = x.reshape(b, -1, cfg.width)
-    # Always created (torchscale's contain_mask_token=True), so a MIM task
-    # and a plain encoder share one param tree.
-    token = self.param("mask_token", nn.with_logical_partitioning(
-        nn.initializers.normal(0.02), (None, None, "embed")),
-                       (1, 1, cfg.width), jnp.float32)
+    if cfg.vision_only:
+      # No mask token (an image classifier's backbone: timm drops it).
+      if mask is not None:
+        raise ValueError("a vision_only Multiway has no mask token: it takes "
+                         "no image_mask")
+    else:
+      # Always created (torchscale's contain_mask_token=True), so a MIM task
+      # and a plain encoder share one param tree.
+      token = self.param("mask_token", nn.with_logical_partitioning(
+          nn.initializers.normal(0.02), (None, None, "embed")),
+                         (1, 1, cfg.width), jnp.float32)
     if mask is not None:
       if mask.shape != x.shape[:2]:
         raise ValueError(f"Multiway image mask of shape {mask.shape} does not "
@@ -451,7 +482,8 @@ class Multiway(nn.Module):
 
   Init with images AND text to create every param (the block creates all
   its experts at init whatever the input kind, the embeddings only when
-  their input is given)."""
+  their input is given); a `vision_only` config takes images only and has
+  only the vision params (module docstring)."""
   config: MultiwayConfig
   dtype: Any = jnp.float32
 
@@ -479,6 +511,11 @@ class Multiway(nn.Module):
     cfg = self.config
     if images is None and text is None:
       raise ValueError("Multiway needs images, text or both")
+    if cfg.vision_only and text is not None:
+      raise ValueError("this Multiway is vision_only (an image classifier's "
+                       "backbone, e.g. imported from timm's beit3_*): it "
+                       "has no text embedding or language experts and takes "
+                       "images only")
     if seq2seq and (images is None or text is None) and cache is None:
       raise ValueError("Multiway seq2seq (captioning) mask needs images and "
                        "text")
@@ -541,11 +578,14 @@ class Multiway(nn.Module):
     # created (not even by the init-time calls below).
     if cfg.normalize_output:
       norm_v = layers.layer_norm(name="norm_v", epsilon=cfg.norm_eps)
-      norm_l = layers.layer_norm(name="norm_l", epsilon=cfg.norm_eps)
-      # Both norms exist after an init of any input kind, so that a
-      # checkpoint's encoder.layer_norm.{A,B} always has a home.
-      if self.is_initializing():
-        norm_v(x[:, :0]), norm_l(x[:, :0])
+      if cfg.vision_only:
+        norm_l = None
+      else:
+        norm_l = layers.layer_norm(name="norm_l", epsilon=cfg.norm_eps)
+        # Both norms exist after an init of any input kind, so that a
+        # checkpoint's encoder.layer_norm.{A,B} always has a home.
+        if self.is_initializing():
+          norm_v(x[:, :0]), norm_l(x[:, :0])
       if text is None:
         x = norm_v(x)
       elif images is None:

@@ -96,6 +96,8 @@ class MultiwayImageTower(nn.Module):
   unilm's image classifier sets normalize_output=False (no final norm
   before the fc_norm pooling, as BEiT drops `norm`): configs/finetune.py's
   beit3_base does too; the tiny digits preset keeps norm_v (measured so).
+  With `vision_only` (timm's beit3_* imports, florax.convert.timm_beit3)
+  the Multiway holds only the vision branch: no language/VL experts.
   """
   config: multiway.MultiwayConfig
   dtype: Any = jnp.float32
