@@ -148,6 +148,54 @@ def _classify_vit_b16(small, accelerator, tmpdir):
   return _bench_common(c, small, accelerator)
 
 
+def _tokenizer_workdir(tmpdir: str, preset: str) -> str:
+  """A random-init VQ-KD tokenizer run (configs/vqkd.py:`preset`): its
+  config.json and one checkpoint of the encoder and codebook, all a
+  consumer reads; the frozen tokenizer of the BEiT-3 benchmark (its
+  weights do not change the FLOPs)."""
+  import flax.linen as nn  # pylint: disable=g-import-not-at-top
+  from configs import vqkd  # pylint: disable=g-import-not-at-top
+  from florax import config_io  # pylint: disable=g-import-not-at-top
+  from florax.models import vqkd as vqkd_lib  # pylint: disable=g-import-not-at-top
+  from florax.tasks import vqkd as vqkd_task  # pylint: disable=g-import-not-at-top
+  from florax.train import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
+  out = os.path.join(tmpdir, f"vqkd_{preset}")
+  if os.path.exists(os.path.join(out, "config.json")):
+    return out
+  cfg = vqkd.get_config(preset)
+  # The target width only shapes the decoder, which a consumer never reads.
+  model = vqkd_lib.VQKD(vqkd_task.model_config(cfg.model, 1))
+  size = cfg.data.image_size
+  params = jax.jit(lambda r: model.init(
+      r, jnp.zeros((1, size, size, 3)), method=model.encode))(
+          jax.random.key(0))["params"]
+  config_io.save(out, cfg)
+  checkpointer = ckpt_lib.Checkpointer(out, keep=1, every=1, data_names=())
+  checkpointer.save(0, {"params": nn.unbox(params)}, {}, force=True)
+  checkpointer.wait()
+  checkpointer.close()
+  return out
+
+
+def _beit3_base(small, accelerator, tmpdir):
+  from configs import beit3  # pylint: disable=g-import-not-at-top
+  c = beit3.get_config("tiny" if small else "base")
+  with c.unlocked():
+    c.tokenizer.path = _tokenizer_workdir(tmpdir, "tiny" if small else "b16")
+    # The suite sets train.batch_size: a third each of images, texts and
+    # pairs (it must be a multiple of 3).
+    del c.train["batch_size"]
+    c.train.batch_size = 3
+    for part in ("image", "text", "pair"):
+      c.data.composition[part] = c.train.get_ref("batch_size") // 3
+    # A SentencePiece of the digits' texts (no 64k-piece file at hand);
+    # the model keeps BEiT-3's 64k vocabulary and MLM head.
+    c.data.text_tokenizer_vocab_size = 127
+    if small:  # two layers (the top one with the VL expert): compile time
+      c.model.multiway.depth = 2
+  return _bench_common(c, small, accelerator)
+
+
 ENTRIES = {e.name: e for e in (
     Entry("clip_vit_b16", "CLIP two-tower: ViT-B/16 + 12x512 text, UniCL "
           "global loss, 224 px", _clip_vit_b16, 256),
@@ -157,6 +205,10 @@ ENTRIES = {e.name: e for e in (
           "40% block masks, 224 px", _eva_b16, 256),
     Entry("classify_vit_b16", "Fine-tuning: ViT-B/16 mean-pool classifier, "
           "1000 classes, 224 px", _classify_vit_b16, 256),
+    Entry("beit3_base", "BEiT-3 MDM: Multiway-B (12x768, 2 VL layers), "
+          "MLM + MIM + MVLM, frozen VQ-KD B/16 tokenizer, 224 px, text 64; "
+          "batch = images + texts + pairs in thirds (global batch counts "
+          "rows: 1 of each)", _beit3_base, 192, small_batch_per_device=6),
 )}
 
 
@@ -196,7 +248,14 @@ def _step_flops(task, kind: str, global_batch: int) -> float | None:
 
 def run_entry(entry: Entry, small: bool, steps: int,
               batch_per_device: int | None, peaks: dict) -> dict:
-  """Builds, compiles and times one entry in this process."""
+  """Builds, compiles and times one entry in this process. What the task
+  and the trainer print goes to stderr: stdout carries --json's result."""
+  with contextlib.redirect_stdout(sys.stderr):
+    return _run_entry(entry, small, steps, batch_per_device, peaks)
+
+
+def _run_entry(entry: Entry, small: bool, steps: int,
+               batch_per_device: int | None, peaks: dict) -> dict:
   from florax import tasks  # pylint: disable=g-import-not-at-top
   from florax.train import trainer as trainer_lib  # pylint: disable=g-import-not-at-top
   accelerator = jax.default_backend() != "cpu"

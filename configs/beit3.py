@@ -29,6 +29,7 @@ from __future__ import annotations
 import ml_collections
 
 from configs import common
+from florax.data import beit3_records
 from florax.models import multiway
 
 # name: (Multiway preset, steps)
@@ -83,8 +84,15 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   n = 32 if tiny else 2048
   c.data.composition = ml_collections.ConfigDict(dict(image=n, text=n,
                                                       pair=n))
-  c.data.random_shift = 2 if tiny else 0
-  c.data.train_examples = -1
+  c.data.random_shift = 2 if tiny else 0   # digits only
+  c.data.train_examples = -1                # digits only
+  # Your own data (data.name 'records' | 'captions' | 'tfds'): images and
+  # pairs from data.records (florax/data/record_pipeline.py's fields),
+  # texts from data.text_corpus (one per line) or else the records' texts;
+  # needs data.text_tokenizer_path. BEiT-3's augmentation (§2.3): random
+  # resized crop, flip, colour jitter 0.4; unilm normalises to [-1, 1].
+  c.data.records = beit3_records.records_config()
+  c.data.text_corpus = ""
   # Text tokenizer: a file (BEiT-3's beit3.spm with kind
   # 'sentencepiece_fairseq'), or "" to train a SentencePiece of
   # text_tokenizer_vocab_size on the data's texts (the digits: 127 pieces,

@@ -96,7 +96,7 @@ def stochastic_round(x: float, rng: np.random.Generator) -> int:
   return low + int(rng.random() < x - low)
 
 
-def _text_fields(ids, rng, settings: MaskSettings, rate: float | None):
+def text_fields(ids, rng, settings: MaskSettings, rate: float | None):
   """{'ids' (corrupted), 'targets' (original), 'mlm_mask'}; rate None: no
   token is masked."""
   ids = np.asarray(ids, np.int32)
@@ -125,7 +125,7 @@ class MaskText(grain.transforms.RandomMap):
 
   def random_map(self, element, rng: np.random.Generator):
     ids = self.tokenizer.encode(str(element), self.max_len)
-    return _text_fields(ids, rng, self.settings, self.settings.mlm_rate)
+    return text_fields(ids, rng, self.settings, self.settings.mlm_rate)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -141,16 +141,22 @@ class MaskPair(grain.transforms.RandomMap):
     template = digits.TEMPLATES[rng.integers(len(digits.TEMPLATES))]
     ids = self.tokenizer.encode(
         digits.describe(int(element["label"]), template), self.max_len)
-    if s.mvlm_mode == "joint":
-      mask_text = mask_image = True
-    else:
-      mask_text = bool(rng.random() < s.mvlm_text_prob)
-      mask_image = not mask_text
-    out = _text_fields(ids, rng, s, s.mvlm_text_rate if mask_text else None)
-    out["images"] = element["image"]
-    out["image_mask"] = (s.block_mask(rng) if mask_image else
-                         np.zeros(s.grid * s.grid, bool))
-    return out
+    return mask_pair(ids, element["image"], rng, s)
+
+
+def mask_pair(ids, image, rng: np.random.Generator, s: MaskSettings) -> dict:
+  """An (image, token ids) pair masked for MVLM: separate masking picks the
+  text (probability mvlm_text_prob) or the image, joint masks both."""
+  if s.mvlm_mode == "joint":
+    mask_text = mask_image = True
+  else:
+    mask_text = bool(rng.random() < s.mvlm_text_prob)
+    mask_image = not mask_text
+  out = text_fields(ids, rng, s, s.mvlm_text_rate if mask_text else None)
+  out["images"] = image
+  out["image_mask"] = (s.block_mask(rng) if mask_image else
+                       np.zeros(s.grid * s.grid, bool))
+  return out
 
 
 def group_rows(batch: dict, rows: int) -> dict:

@@ -4,8 +4,9 @@ Why closed forms: XLA's cost analysis of a compiled step counts a loop body
 once, so any scanned encoder, gradient accumulation or gradient cache makes
 it a lower bound, and it also counts elementwise work. The trainer's
 TFLOP/s and MFU (and benchmarks/) use these counts instead; `tests/
-test_flops.py` pins them to the op-by-op matmul count of each family's
-unrolled step (`hlo_matmul_flops`).
+test_flops.py` (and tests/test_flops_beit3.py: BEiT-3 MDM, VQ-KD) pins
+them to the op-by-op matmul count of each family's unrolled step
+(`hlo_matmul_flops`).
 
 Conventions (PaLM, Chowdhery et al. 2022, appendix B: "model FLOPs"):
   * Only matmuls and convolutions count, 2 FLOPs per multiply-add:
@@ -45,6 +46,10 @@ API (per example unless it says otherwise):
   contrastive_logits(global_batch, dim) the (B, B) logits matmul of a
                                        whole global batch (forward)
   multiway_forward(MultiwayConfig, images, text_len)  BEiT-3
+  code_similarity(tokens, code_dim, codebook_size)  a nearest-code search
+  vqkd_encoder_forward(VQKDConfig)     VQ-KD's encoder + encode head
+  vqkd_decoder_forward(VQKDConfig)     VQ-KD's decoder + decode head
+  vq_codes_forward(VQKDConfig)         a frozen tokenizer's codes (forward)
   resize_flops(size_in, size_out, channels)  jax.image.resize's matmuls
   hlo_matmul_flops(lowered or StableHLO text)  the op-by-op count of a
                                        lowered program (the cross-check)
@@ -135,11 +140,12 @@ def encoder_forward(cfg: transformer.EncoderConfig, tokens: int) -> float:
   return cfg.depth * (attention + mlp)
 
 
-def vit_forward(cfg: vit_lib.ViTConfig) -> Forward:
+def vit_forward(cfg: vit_lib.ViTConfig, in_channels: int = 3) -> Forward:
   """ViT per image: patch conv (kernel = stride = patch) + the encoder over
-  the class token and the grid; pooling has no matmul."""
-  patch = conv(cfg.image_size, cfg.patch_size, cfg.patch_size, 0, 3,
-               cfg.width)
+  the class token and the grid; pooling has no matmul. `in_channels`: of
+  its input map (3 for pixels; VQ-KD's decoder reads a map of codes)."""
+  patch = conv(cfg.image_size, cfg.patch_size, cfg.patch_size, 0,
+               in_channels, cfg.width)
   tokens = cfg.num_prefix + cfg.grid ** 2
   return Forward(patch + encoder_forward(cfg.encoder(), tokens),
                  input_layer=patch)
@@ -256,6 +262,50 @@ def multiway_forward(cfg: Any, images: bool = True,
     tokens += cfg.num_image_tokens
   return Forward(patch + encoder_forward(cfg.encoder(), tokens),
                  input_layer=patch)
+
+
+def code_similarity(tokens: float, code_dim: int,
+                    codebook_size: int) -> float:
+  """The (tokens, K) cosine similarities of `tokens` vectors of `code_dim`
+  to every code of a codebook of K (a vector quantiser's nearest-code
+  search, florax.models.vqkd.cosine_similarity): one matmul. Its result
+  only feeds an argmax (or sits behind a stop_gradient), so it has no
+  backward: a training step counts it once, like a frozen network."""
+  return dense(tokens, code_dim, codebook_size)
+
+
+def vqkd_encoder_forward(cfg: Any) -> Forward:
+  """VQ-KD's encoder per image (florax.models.vqkd.VQKD.project): the ViT
+  (its patch conv on pixels is the input layer) and the encode head,
+  Linear(width, width) -> Tanh -> Linear(width, code_dim), on the grid's
+  tokens (not the class token). The codebook search is `code_similarity`;
+  the l2 normalisations are elementwise."""
+  enc = cfg.encoder
+  n = cfg.grid ** 2
+  head = dense(n, enc.width, enc.width) + dense(n, enc.width, cfg.code_dim)
+  return vit_forward(enc) + Forward(head)
+
+
+def vqkd_decoder_forward(cfg: Any) -> Forward:
+  """VQ-KD's training decoder per image (VQKD.decode): a ViT over the
+  grid x grid map of `code_dim` codes (a 1x1 patch conv, class token) and
+  the decode head, Linear(dw, dw) -> Tanh -> Linear(dw, target_width), on
+  the grid's tokens. Its input (the straight-through codes) carries the
+  encoder's gradient, so no layer of it is an input layer."""
+  dec = cfg.decoder
+  n = cfg.grid ** 2
+  w = cfg.decoder_width
+  head = dense(n, w, w) + dense(n, w, cfg.target_width)
+  return Forward(vit_forward(dec, in_channels=cfg.code_dim).flops + head)
+
+
+def vq_codes_forward(cfg: Any) -> float:
+  """A frozen VQ-KD tokenizer's codes of one image at its own resolution
+  (florax.tasks.vq_tokenizer.FrozenVQTokenizer.codes): encoder, encode
+  head and the nearest-code search, forward only; no decoder. A resize of
+  the consumer's pixels to the tokenizer's resolution is `resize_flops`."""
+  return (vqkd_encoder_forward(cfg).flops
+          + code_similarity(cfg.grid ** 2, cfg.code_dim, cfg.codebook_size))
 
 
 def resize_flops(size_in: int, size_out: int, channels: int = 3) -> float:

@@ -45,19 +45,25 @@ from typing import Any, Mapping
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections
 
 from florax import export
 from florax.data import beit3_digits
+from florax.data import beit3_records
 from florax.data import digits
 from florax.data import preprocess
 from florax.data import tokenizer as tok_lib
+from florax.models import flops as flops_lib
 from florax.models import layers, multiway, two_tower
+from florax.models import vqkd as vqkd_lib
 from florax.parallel import sharding as sharding_lib
 from florax.tasks import base
 from florax.tasks.registry import register
 from florax.train import run_record
 
-DATA_SOURCES = ("digits",)
+# digits: the embedded demo (florax.data.beit3_digits); the others read
+# data.records (florax.data.beit3_records; data.text_corpus for the texts).
+DATA_SOURCES = ("digits", "records", "captions", "tfds")
 PARTS = ("mlm", "mim", "mvlm_text", "mvlm_image")
 
 
@@ -193,6 +199,8 @@ class BEiT3MDMTask(base.Task):
     if cfg.get("evals"):
       raise ValueError("beit3_mdm has no evaluators (config.evals must be "
                        "empty): its train metrics report masked accuracy")
+    if d.name != "digits":
+      self._validate_records()
     self._validate_text_tokenizer()
     self._validate_visual_tokenizer()
 
@@ -220,6 +228,36 @@ class BEiT3MDMTask(base.Task):
           f"{shards} data-parallel shards (x train.grad_accum_steps) and "
           f"{jax.process_count()} processes, so their common divisor {rows} "
           f"must be divisible by {need} and by {jax.process_count()}")
+
+  def _validate_records(self):
+    d = self.config.data
+    records = d.get("records")
+    if records is None:
+      raise ValueError(f"data.name={d.name!r} reads data.records (the record "
+                       "pipeline's fields: path, split, augmentation, ...)")
+    known = set(beit3_records.records_config())
+    unknown = sorted(set(records) - known)
+    if unknown:
+      raise ValueError(f"data.records has unknown fields {unknown}; known: "
+                       f"{sorted(known)}")
+    if d.name in ("records", "captions") and not records.path:
+      raise ValueError(f"data.name={d.name!r} needs data.records.path")
+    if not d.text_tokenizer_path:
+      raise ValueError(
+          f"data.name={d.name!r}: set data.text_tokenizer_path (BEiT-3's "
+          "beit3.spm with data.text_tokenizer_kind=sentencepiece_fairseq, or "
+          "a florax SentencePiece from `python -m launch.train_tokenizer`); "
+          "only the digits demo trains its own")
+    corpus = d.get("text_corpus", "")
+    if corpus and not os.path.isfile(corpus):
+      raise ValueError(f"data.text_corpus {corpus!r} does not exist (a UTF-8 "
+                       "file, one text per line; empty: the records' texts)")
+
+  def records_config(self) -> ml_collections.ConfigDict:
+    """`data.records` with the task-owned fields (source) filled in."""
+    rc = ml_collections.ConfigDict(self.config.data.records.to_dict())
+    rc.source = self.config.data.name
+    return rc
 
   def _validate_masking(self):
     m = self.config.mdm
@@ -287,7 +325,7 @@ class BEiT3MDMTask(base.Task):
         raise ValueError("no visual tokenizer: set tokenizer.path to a "
                          "`vqkd` training workdir (configs/vqkd.py)")
       self._vq = load_visual_tokenizer(t.path, t.get("step", -1), self.dtype)
-      spec = preprocess.resize_spec(self.config.data.image_size)
+      spec = self.preprocess_spec()
       self._vq.set_input_stats(spec["mean"], spec["std"])
     return self._vq
 
@@ -410,8 +448,25 @@ class BEiT3MDMTask(base.Task):
     return {base.DEFAULT_KIND: self.train_iterator(process_index,
                                                    process_count)}
 
+  def preprocess_spec(self) -> dict:
+    """The images' normalisation (what the frozen tokenizer un-does): the
+    digits' [-1, 1], or the records' mean/std."""
+    d = self.config.data
+    if d.name == "digits":
+      return preprocess.resize_spec(d.image_size)
+    r = d.records
+    return preprocess.resize_center_crop_spec(
+        d.image_size, round(d.image_size / r.crop_fraction), r.mean, r.std)
+
   def train_iterator(self, process_index=0, process_count=1):
     d = self.config.data
+    if d.name != "digits":
+      return beit3_records.mdm_iterator(
+          records=self.records_config(), text_corpus=d.get("text_corpus", ""),
+          tokenizer=self.text_tokenizer, settings=self.mask_settings(),
+          composition=dict(d.composition), image_size=d.image_size,
+          max_len=d.max_len, seed=self.config.seed,
+          process_index=process_index, process_count=process_count)
     return beit3_digits.mdm_iterator(
         tokenizer=self.text_tokenizer, settings=self.mask_settings(),
         composition=dict(d.composition), image_size=d.image_size,
@@ -463,3 +518,46 @@ class BEiT3MDMTask(base.Task):
                        pair["image_mask"]),
     }
     return mdm_losses(parts, dict(self.config.mdm.loss_weights))
+
+  # -- cost -------------------------------------------------------------------
+
+  def flops_per_example(self):
+    """Analytic training FLOPs per row of the global batch (florax.models.
+    flops; a row holds composition / rows images, texts and pairs, and the
+    trainer's global batch counts rows, so the step is linear in it).
+
+    Trained, forward + backward (3x; the patch conv on pixels 2x): the
+    Multiway over each image (cls + patches), each text (data.max_len
+    tokens) and each pair (both), every token through one expert (v, l or,
+    in a pair's top layers, vl: dense FLOPs); the MIM head (width ->
+    codes) on every patch token of images and pairs and the MLM head
+    (width -> vocab) on every text token of texts and pairs: the heads
+    run on all tokens, the loss keeps the masked ones ([MASK] tokens
+    remove no compute). Frozen, forward only: the VQ-KD tokenizer's codes
+    of every image and pair image (encoder, encode head, nearest-code
+    search; `flops.vq_codes_forward`), plus the resize of the pixels to
+    its resolution when it differs. None for a tokenizer that is not a
+    VQ-KD run (a test's stand-in): its cost is unknown.
+    """
+    vq = self.visual_tokenizer
+    vq_cfg = getattr(vq, "model_config", None)
+    if not isinstance(vq_cfg, vqkd_lib.VQKDConfig):
+      return None
+    mw, d = self.backbone, self.config.data
+    comp = d.composition
+    rows = beit3_digits.rows_per_step(comp)
+    k = {p: comp[p] // rows for p in beit3_digits.PARTS}
+    length = d.max_len
+    mim = flops_lib.Forward(flops_lib.dense(mw.grid ** 2, mw.width,
+                                            vq.num_codes))
+    mlm = flops_lib.Forward(flops_lib.dense(length, mw.width,
+                                            mw.vocab_size))
+    image = flops_lib.multiway_forward(mw, images=True) + mim
+    text = flops_lib.multiway_forward(mw, images=False,
+                                      text_len=length) + mlm
+    pair = flops_lib.multiway_forward(mw, images=True,
+                                      text_len=length) + mim + mlm
+    trained = k["image"] * image + k["text"] * text + k["pair"] * pair
+    tokenizer = (flops_lib.vq_codes_forward(vq_cfg)
+                 + flops_lib.resize_flops(d.image_size, vq.image_size))
+    return trained.train() + (k["image"] + k["pair"]) * tokenizer

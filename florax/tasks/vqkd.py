@@ -30,6 +30,7 @@ from florax.data import preprocess
 from florax.data import record_pipeline
 from florax.evaluate import eval_sets
 from florax.evaluate import mesh_map
+from florax.models import flops as flops_lib
 from florax.models import two_tower
 from florax.models import vqkd as vqkd_lib
 from florax.parallel import sharding as sharding_lib
@@ -233,6 +234,28 @@ class VQKDTask(base.Task):
     return vqkd_lib.vqkd_loss(out["rec"], target, h, out["z"],
                               out["indices"], params["codebook"], picks,
                               self.loss_weights)
+
+  def flops_per_example(self):
+    """Analytic training FLOPs per image (florax.models.flops): the trained
+    tokenizer, encoder ViT + encode head + decoder ViT + decode head,
+    forward and backward (the encoder's patch conv on pixels computes no
+    input gradient); the two nearest-code searches over the codebook
+    (tokens x code_dim x codebook_size each: the model's argmax and the
+    dead-code targets', both without gradient) once each; and the frozen
+    teacher's forward, plus the resize of the pixels to its resolution
+    when it differs. Gathers (the chosen codes), the l2 normalisations,
+    the resampling of the teacher grid and the losses are elementwise."""
+    m = self.model_config
+    trained = (flops_lib.vqkd_encoder_forward(m)
+               + flops_lib.vqkd_decoder_forward(m))
+    search = flops_lib.code_similarity(m.grid ** 2, m.code_dim,
+                                       m.codebook_size)
+    teacher = self.teacher
+    frozen = (flops_lib.image_tower_forward(teacher.config.model,
+                                            teacher.image_size).flops
+              + flops_lib.resize_flops(self.config.data.image_size,
+                                       teacher.image_size))
+    return trained.train() + 2 * search + frozen
 
   # -- evaluation -----------------------------------------------------------
 
