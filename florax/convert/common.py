@@ -53,6 +53,39 @@ class CheckpointReadError(ValueError):
   do not know, or a torch pickle without torch installed)."""
 
 
+class Shape:
+  """A stand-in with only a .shape, for shapes_only conversions."""
+
+  def __init__(self, shape):
+    self.shape = tuple(shape)
+
+
+def fuse_qkv(state_dict: Mapping, query: re.Pattern, parts: Sequence[str],
+             fused: str, shapes_only: bool = False) -> dict:
+  """Separate q/k/v projections fused into one tensor of 3W rows (q, k, v:
+  florax's qkv kernel order). `query` matches a q tensor's name; `parts`
+  (three) and `fused` are `re.Match.expand` templates of the q, k, v names
+  and of the fused one. A layer missing one of the three, or whose three
+  differ in shape, keeps its names, so the conversion error lists them."""
+  out = dict(state_dict)
+  for name in sorted(out):
+    m = query.fullmatch(name)
+    if not m:
+      continue
+    names = [m.expand(t) for t in parts]
+    if not all(n in out for n in names):
+      continue
+    tensors = [out[n] for n in names]
+    if len({tuple(t.shape) for t in tensors}) != 1:
+      continue
+    for n in names:
+      del out[n]
+    shape = (3 * tensors[0].shape[0],) + tuple(tensors[0].shape[1:])
+    out[m.expand(fused)] = (Shape(shape) if shapes_only else np.concatenate(
+        [np.asarray(t) for t in tensors], axis=0))
+  return out
+
+
 # -- reading ------------------------------------------------------------------
 
 TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")

@@ -183,23 +183,16 @@ def eval_transform(arch: str) -> dict:
   return dict(arch_fields(arch)["eval"])
 
 
-class _Shape:
-  """A stand-in with only a .shape, for shapes_only conversions."""
-
-  def __init__(self, shape):
-    self.shape = tuple(shape)
-
-
 def _cat(parts, shapes_only):
   if shapes_only:
-    return _Shape((sum(p.shape[0] for p in parts),) + tuple(parts[0].shape[1:]))
+    return common.Shape((sum(p.shape[0] for p in parts),) + tuple(parts[0].shape[1:]))
   return np.concatenate([np.asarray(p) for p in parts], axis=0)
 
 
 def _split(value, shapes_only):
   if shapes_only:
     half = (value.shape[0] // 2,) + tuple(value.shape[1:])
-    return _Shape(half), _Shape(half)
+    return common.Shape(half), common.Shape(half)
   value = np.asarray(value)
   return np.split(value, 2, axis=0) if value.shape[0] % 2 == 0 else (
       value, value)  # odd: left as is, the shape check names it

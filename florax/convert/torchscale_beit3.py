@@ -158,40 +158,18 @@ def arch_config(arch: str, image_size: int | None = None,
   return cfg
 
 
-class _Shape:
-  """A stand-in with only a .shape, for shapes_only conversions."""
-
-  def __init__(self, shape):
-    self.shape = tuple(shape)
+# q_proj of one branch of one layer; its k/v and the fused name (module
+# docstring's table).
+_QUERY = re.compile(r"(encoder\.layers\.\d+\.self_attn\.)q_proj\.([AB])\."
+                    r"(weight|bias)")
 
 
 def canonical(state_dict: Mapping, shapes_only: bool = False) -> dict:
   """torchscale's separate q/k/v projections fused per branch into one
-  `self_attn.qkv_proj.{A,B}` (3W rows, q then k then v: florax's qkv
-  kernel order). A layer missing one of the three keeps its names, so the
-  conversion error lists them."""
-  out = dict(state_dict)
-  pat = re.compile(r"(encoder\.layers\.\d+\.self_attn\.)q_proj\.([AB])\."
-                   r"(weight|bias)")
-  for name in sorted(out):
-    m = pat.fullmatch(name)
-    if not m:
-      continue
-    base, branch, kind = m.groups()
-    names = [f"{base}{p}_proj.{branch}.{kind}" for p in "qkv"]
-    if not all(n in out for n in names):
-      continue
-    parts = [out[n] for n in names]
-    if len({tuple(p.shape) for p in parts}) != 1:
-      continue  # left as is: the shape check names them
-    for n in names:
-      del out[n]
-    fused = f"{base}qkv_proj.{branch}.{kind}"
-    if shapes_only:
-      out[fused] = _Shape((3 * parts[0].shape[0],) + tuple(parts[0].shape[1:]))
-    else:
-      out[fused] = np.concatenate([np.asarray(p) for p in parts], axis=0)
-  return out
+  `self_attn.qkv_proj.{A,B}` (common.fuse_qkv)."""
+  return common.fuse_qkv(
+      state_dict, _QUERY, [rf"\1{p}_proj.\2.\3" for p in "qkv"],
+      r"\1qkv_proj.\2.\3", shapes_only)
 
 
 def _drop_offset(v, t):

@@ -128,11 +128,14 @@ class ViT(nn.Module):
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, images, deterministic: bool = True, mask=None):
+  def __call__(self, images, deterministic: bool = True, mask=None,
+               pre_norm_tokens: bool = False):
     """Args: images (B, S, S, 3); mask: optional bool (B, grid*grid),
     row-major over the patch grid: masked patches are replaced by a learned
     [MASK] embedding before the position embedding (BEiT, EVA). Calling
-    with a mask creates the `mask_token` param."""
+    with a mask creates the `mask_token` param. pre_norm_tokens: also
+    return the encoder's output before the final norm as
+    aux["pre_norm_tokens"] (FLAVA feeds those to its multimodal encoder)."""
     cfg = self.config
     b, height, width, _ = images.shape
     if (height, width) != (cfg.image_size, cfg.image_size):
@@ -173,12 +176,13 @@ class ViT(nn.Module):
           self.dtype)
     x = transformer.Encoder(cfg.encoder(), cfg.layout(), self.dtype,
                             name="encoder")(x, None, deterministic)
+    extra = {"pre_norm_tokens": x} if pre_norm_tokens else {}
     if cfg.pool == "cls":
       x = layers.layer_norm(name="norm", epsilon=cfg.norm_eps)(x)
-      return x[:, 0], {"tokens": x}
+      return x[:, 0], {"tokens": x, **extra}
     if cfg.fc_norm:
       pooled = jnp.mean(x[:, cfg.num_prefix:].astype(jnp.float32), axis=1)
       pooled = layers.layer_norm(name="fc_norm", epsilon=cfg.norm_eps)(pooled)
-      return pooled, {"tokens": x}
+      return pooled, {"tokens": x, **extra}
     x = layers.layer_norm(name="norm", epsilon=cfg.norm_eps)(x)
-    return jnp.mean(x[:, cfg.num_prefix:], axis=1), {"tokens": x}
+    return jnp.mean(x[:, cfg.num_prefix:], axis=1), {"tokens": x, **extra}
