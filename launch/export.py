@@ -4,7 +4,9 @@
       [--dtype bfloat16] [--ema]  # --config defaults to W/config.json
 
 Load the result with `florax.inference.load(OUT)`; see florax/export.py for
-the directory layout.
+the directory layout. A task that serves its own functions (BEiT-3's VQA
+answers, captions, ...: `Task.serving()`) is exported as florax/serving.py
+describes, and loads as a `ServedModel`.
 """
 
 from __future__ import annotations
@@ -36,8 +38,10 @@ def main(argv):
   manifest = export.export_workdir(_CONFIG.value, _WORKDIR.value, _OUT.value,
                                    _STEP.value, _DTYPE.value,
                                    tuple(_PLATFORMS.value), ema=_EMA.value)
+  served = manifest.get("functions")
   print(f"florax: exported step {manifest['step']} "
         f"({manifest['num_params'] / 1e6:.2f}M params, "
+        f"{'serving ' + '/'.join(served) + ', ' if served else ''}"
         f"{manifest['param_dtype']}{', EMA weights' if _EMA.value else ''}, "
         f"jax.export for "
         f"{'/'.join(manifest['export_platforms'])}) to {_OUT.value}",
