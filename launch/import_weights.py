@@ -1,4 +1,5 @@
-"""Import weights trained elsewhere (timm, open_clip) as a florax export.
+"""Import weights trained elsewhere (timm, open_clip, torchscale, Hugging
+Face FLAVA) as a florax export or import directory.
 
   python -m launch.import_weights --source open_clip --arch ViT-B-16 \
       --checkpoint open_clip_model.safetensors --out imports/clip_b16
@@ -35,6 +36,28 @@ no jax.export'ed encoders (florax.inference serves two-towers only): it is
 a starting point for init_from.path. A checkpoint that does not fit the
 arch (truncated, another architecture, a wrong --arch) stops before anything
 is written, with one line naming the tensors at fault.
+
+--source hf (FLAVA, florax.convert.hf_flava; --arch full, also spelt
+flava-full or facebook/flava-full) imports a Hugging Face FlavaModel or
+FlavaForPreTraining state dict (model.safetensors or pytorch_model.bin)
+onto florax.models.flava the same way (write_import_dir):
+params.safetensors (flat Flava names), a config.json
+whose `model` is {'arch': 'flava', 'flava': FlavaConfig fields
+(flava.from_dict reads them)}, data.image_size / max_len, the text
+tokenizer when --tokenizer names FLAVA's BERT uncased vocab.txt or
+tokenizer.json (kind 'wordpiece': [PAD] 0, [CLS] 101, [SEP] 102, [MASK]
+103), init_from.path = the directory, and the manifest (preprocess: HF's
+224 px resize with OpenAI CLIP's mean/std). FlavaForPreTraining's
+pre-training heads (mim/mlm/itm/mmm_*_head) and image codebook are not
+FlavaModel params: they are dropped without --allow_missing and listed in
+the report and the manifest's source.dropped (the FLAVA task brings its own
+heads; it loads the import with init_from.prefixes [["", "flava"]]).
+--codebook_out DIR imports that codebook as well, as a second directory
+({'arch': 'flava_codebook', ...}; florax.models.flava_codebook).
+
+  python -m launch.import_weights --source hf --arch full \
+      --checkpoint flava-full/model.safetensors --out imports/flava_full \
+      --tokenizer flava-full/vocab.txt --codebook_out imports/flava_codebook
 """
 
 from __future__ import annotations
@@ -63,7 +86,12 @@ _TOKENIZER = flags.DEFINE_string("tokenizer", None, "open_clip: the CLIP BPE "
                                  "vocabulary (default: open_clip's bundled "
                                  "one, if open_clip is installed); "
                                  "torchscale: BEiT-3's SentencePiece model "
-                                 "(beit3.spm, optional)")
+                                 "(beit3.spm, optional); hf: FLAVA's BERT "
+                                 "uncased vocab.txt or tokenizer.json (or "
+                                 "their directory; optional)")
+_CODEBOOK_OUT = flags.DEFINE_string(
+    "codebook_out", None, "hf: also import a FlavaForPreTraining "
+    "checkpoint's image codebook (image_codebook.*) into this directory")
 _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"],
                            "storage dtype of the imported params")
 _PLATFORMS = flags.DEFINE_list("platforms", ["cpu", "cuda"],
@@ -163,6 +191,14 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)
   from florax import convert  # pylint: disable=g-import-not-at-top
   source, arch = _SOURCE.value, _ARCH.value
+  if _CODEBOOK_OUT.value and source != "hf":
+    raise ValueError("--codebook_out is for --source hf (a FLAVA "
+                     "FlavaForPreTraining checkpoint's image codebook)")
+  if source == "hf":
+    import_hf_flava(arch, _CHECKPOINT.value, _OUT.value, _IMAGE_SIZE.value,
+                    _ALLOW_MISSING.value, _TOKENIZER.value, _DTYPE.value,
+                    codebook_out=_CODEBOOK_OUT.value)
+    return
   if source == "torchscale":
     import_torchscale(arch, _CHECKPOINT.value, _OUT.value, _IMAGE_SIZE.value,
                       _ALLOW_MISSING.value, _TOKENIZER.value, _DTYPE.value)
@@ -206,27 +242,14 @@ def write(imported, tokenizer, out: str, checkpoint: str, allow_missing,
   from configs import imported as imported_config  # pylint: disable=g-import-not-at-top
   from florax import export  # pylint: disable=g-import-not-at-top
   report = imported.report
-  if report.fresh:
-    raise ValueError(
-        "--allow_missing leaves florax params without weights ("
-        + ", ".join(report.fresh[:_EXAMPLES]) + "); an import directory "
-        "holds complete weights: drop those patterns, or start a run from "
-        "this checkpoint with init_from, which keeps fresh params")
+  _refuse_fresh(report)
   directory = os.path.abspath(out)
   tok_file = tokenizer.serialize()[0] if tokenizer is not None else ""
   config = imported_config.config(
       imported.model, imported.image_size, imported.max_len,
       imported.preprocess, directory=directory, tokenizer_file=tok_file)
-  source = {
-      "source": imported.source, "arch": imported.arch,
-      "checkpoint": os.path.abspath(checkpoint),
-      "checkpoint_sha256": export.sha256_file(checkpoint),
-      "image_size": imported.image_size,
-      "allow_missing": list(_patterns(allow_missing)),
-      "tensors": len(report.mapped),
-      "interpolated": [list(map(str, r)) for r in report.resized],
-      "dropped": list(report.dropped), "fresh": list(report.fresh),
-  }
+  source = source_record(imported.source, imported.arch, checkpoint,
+                         imported.image_size, allow_missing, report)
   manifest = export.write_export(
       out, config, export.unflatten_params(imported.params), tokenizer,
       step=0, dtype=dtype, platforms=platforms,
@@ -236,6 +259,117 @@ def write(imported, tokenizer, out: str, checkpoint: str, allow_missing,
         f"({manifest['num_params'] / 1e6:.2f}M params, {dtype}, "
         f"{imported.image_size}px) to {out}", flush=True)
   return manifest
+
+
+# -- models that are no two-tower: their own import directory -----------------
+
+# export.prepare_dir replaces a directory that holds an export (or only files
+# an export writes: a half-written one); it refuses anything else.
+_EXPORT_SUFFIXES = (".safetensors", ".json", ".model", ".jaxexp", ".tmp")
+
+
+def check_out(out: str, flag: str = "--out"):
+  """--out checks that cost nothing, made before a checkpoint is read: not a
+  file, and not a directory export.prepare_dir would refuse to replace."""
+  if not out:
+    raise ValueError(f"{flag} is empty")
+  if os.path.isfile(out):
+    raise NotADirectoryError(f"{flag} {out} is a file")
+  if os.path.isdir(out) and os.listdir(out):
+    names = os.listdir(out)
+    if "manifest.json" not in names and not all(
+        n.endswith(_EXPORT_SUFFIXES) for n in names):
+      raise FileExistsError(f"{flag} {out} exists and is not a florax export "
+                            f"(only an export is replaced); choose another "
+                            f"{flag}")
+
+
+def source_record(source: str, arch: str, checkpoint: str, image_size: int,
+                  allow_missing, report, checkpoint_sha256: str | None = None
+                  ) -> dict:
+  """The manifest's `source`: where imported weights came from and what the
+  conversion did to them."""
+  from florax import export  # pylint: disable=g-import-not-at-top
+  return {
+      "source": source, "arch": arch,
+      "checkpoint": os.path.abspath(checkpoint),
+      "checkpoint_sha256": (checkpoint_sha256
+                            or export.sha256_file(checkpoint)),
+      "image_size": int(image_size),
+      "allow_missing": list(_patterns(allow_missing)),
+      "tensors": len(report.mapped),
+      "interpolated": [list(map(str, r)) for r in report.resized],
+      "dropped": list(report.dropped), "fresh": list(report.fresh),
+  }
+
+
+def _refuse_fresh(report):
+  if report.fresh:
+    raise ValueError(
+        "--allow_missing leaves florax params without weights ("
+        + ", ".join(report.fresh[:_EXAMPLES]) + "); an import directory "
+        "holds complete weights: drop those patterns, or start a run from "
+        "this checkpoint with init_from, which keeps fresh params")
+
+
+def write_import_dir(out: str, model: dict, params: dict, report, tokenizer,
+                     *, source: dict, image_size: int, max_len: int | None,
+                     vocab_size: int | None, preprocess: dict,
+                     dtype: str = "float32") -> dict:
+  """The import directory of a model that is no two-tower (torchscale's
+  Multiway, Hugging Face's FLAVA and its image codebook): the export's
+  files and conventions (florax/export.py) without the jax.export'ed
+  encoders, which florax.inference serves for two-towers only:
+
+    params.safetensors  flat florax names, `dtype` (export.save_params)
+    config.json         `model` as given ({'arch': A, A: its config's
+                        fields, 'dtype'}), data.image_size, and for a model
+                        with text data.max_len / tokenizer_vocab_size /
+                        tokenizer_path / tokenizer_kind; init_from.path =
+                        this directory (absolute), so a run whose model has
+                        the same names starts from these weights
+    the tokenizer file  if `tokenizer` (export.save_tokenizer)
+    manifest.json       written last (export.finish): format, dtype, sizes
+                        and sha256 of every file, `source`, `preprocess`
+
+  An export (or a half-written one) at `out` is replaced; anything else is
+  refused before anything is written. Returns the manifest."""
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  from florax import export  # pylint: disable=g-import-not-at-top
+  if dtype not in export.DTYPES:
+    raise ValueError(f"--dtype {dtype!r} is not one of {export.DTYPES}")
+  _refuse_fresh(report)
+  export.prepare_dir(out)
+  directory = os.path.abspath(out)
+  flat = export.save_params(out, export.unflatten_params(params), dtype, 0)
+  tok_names, tok_info = export.save_tokenizer(out, tokenizer)
+  data = {"image_size": int(image_size)}
+  if max_len is not None:
+    data.update(
+        max_len=int(max_len), tokenizer_vocab_size=int(vocab_size),
+        tokenizer_path=(f"{directory}/{tok_names[0]}" if tok_names else ""),
+        tokenizer_kind=tokenizer.kind if tokenizer is not None else "")
+  export.save_config(out, ml_collections.ConfigDict({
+      "preset": "imported", "task": "", "model": model, "data": data,
+      "init_from": {"path": directory, "step": -1, "prefixes": []},
+  }))
+  return export.finish(out, [export.PARAMS_FILE, export.CONFIG_FILE]
+                       + tok_names, {
+      "format": export.FORMAT, "version": export.VERSION, "step": 0,
+      "model": model["arch"], "param_dtype": dtype,
+      "num_params": int(sum(v.size for v in flat.values())),
+      "image_size": int(image_size),
+      "max_len": None if max_len is None else int(max_len),
+      "tokenizer": tok_info, "source": source, "export_platforms": [],
+      "image_input": "float32 (batch, S, S, 3) after `preprocess`",
+      "preprocess": preprocess})
+
+
+def _done(what: str, manifest: dict, report, out: str):
+  print(report.summary(), flush=True)
+  print(f"florax: imported {what} ({manifest['num_params'] / 1e6:.2f}M "
+        f"params, {manifest['param_dtype']}, {manifest['image_size']}px) to "
+        f"{out}", flush=True)
 
 
 # -- torchscale BEiT-3 onto the Multiway model ---------------------------------
@@ -252,8 +386,7 @@ def import_torchscale(arch: str, checkpoint: str, out: str,
   from florax.convert import torchscale_beit3 as ts  # pylint: disable=g-import-not-at-top
   if not ts.is_known_arch(arch):
     ts.arch_fields(arch)  # raises the ValueError naming the known archs
-  if os.path.isfile(out):
-    raise NotADirectoryError(f"--out {out} is a file")
+  check_out(out)
   if image_size is not None and image_size <= 0:
     raise ValueError(f"--image_size must be positive, got {image_size}")
   tokenizer = None
@@ -283,12 +416,7 @@ def import_torchscale(arch: str, checkpoint: str, out: str,
         f"id {tokenizer.pad_id}; the checkpoint's text embedding has "
         f"{fields['vocab_size']} rows and BEiT-3 pads with "
         f"{fields['pad_id']}: pass the tokenizer it was trained with")
-  if report.fresh:
-    raise ValueError(
-        "--allow_missing leaves florax params without weights ("
-        + ", ".join(report.fresh[:_EXAMPLES]) + "); an import directory "
-        "holds complete weights: drop those patterns, or start a run from "
-        "this checkpoint with init_from, which keeps fresh params")
+  _refuse_fresh(report)
   return write_multiway(config, params, report, tokenizer, out, checkpoint,
                         arch, allow_missing, dtype)
 
@@ -296,86 +424,153 @@ def import_torchscale(arch: str, checkpoint: str, out: str,
 def write_multiway(config: dict, params: dict, report, tokenizer, out: str,
                    checkpoint: str, arch: str, allow_missing=(),
                    dtype: str = "float32") -> dict:
-  """The import directory of a Multiway model: the export's params file
-  and manifest conventions (export.PARAMS_FILE, flat names, dtype, file
-  hashes, the manifest written last) without the two-tower encoders."""
-  import json  # pylint: disable=g-import-not-at-top
-  import shutil  # pylint: disable=g-import-not-at-top
-  import ml_collections  # pylint: disable=g-import-not-at-top
-  import ml_dtypes  # pylint: disable=g-import-not-at-top
-  import numpy as np  # pylint: disable=g-import-not-at-top
-  from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
-  from florax import export  # pylint: disable=g-import-not-at-top
+  """The import directory of a Multiway model (write_import_dir), with
+  unilm's BEiT-3 eval transform: the whole image resized to the input size,
+  normalised to [-1, 1] (mean = std = 0.5)."""
   from florax.data import preprocess as preprocess_lib  # pylint: disable=g-import-not-at-top
+  size = int(config["image_size"])
+  manifest = write_import_dir(
+      out, {"arch": "multiway", "multiway": dict(config["multiway"]),
+            "dtype": "float32"}, params, report, tokenizer,
+      source=source_record("torchscale", arch, checkpoint, size,
+                           allow_missing, report),
+      image_size=size, max_len=int(config["max_len"]),
+      vocab_size=int(config["multiway"]["vocab_size"]),
+      preprocess=preprocess_lib.resize_spec(size), dtype=dtype)
+  _done(f"torchscale {arch}", manifest, report, out)
+  return manifest
+
+
+# -- Hugging Face FLAVA onto florax.models.flava -----------------------------
+
+def load_wordpiece(path: str | None, vocab_size: int, arch: str):
+  """FLAVA's text tokenizer (BERT uncased WordPiece) from --tokenizer, or
+  None; its vocabulary must be the text embedding's, id for id."""
+  if not path:
+    return None
+  from florax.data import tokenizer as tok_lib  # pylint: disable=g-import-not-at-top
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"--tokenizer {path} does not exist")
+  try:
+    tokenizer = tok_lib.from_file(path, kind="wordpiece")
+  except (OSError, ValueError) as e:
+    raise ValueError(
+        f"--tokenizer {path} is not a BERT WordPiece tokenizer (FLAVA's: "
+        "facebook/flava-full's vocab.txt or tokenizer.json, or its "
+        f"directory): {e}") from None
+  if tokenizer.vocab_size != vocab_size:
+    raise ValueError(
+        f"--tokenizer {path} has {tokenizer.vocab_size} ids but FLAVA "
+        f"{arch}'s text embedding has {vocab_size} rows: pass the tokenizer "
+        "the checkpoint was trained with (facebook/flava-full: BERT uncased, "
+        "30522 ids)")
+  return tokenizer
+
+
+def codebook_preprocess(size: int) -> dict:
+  """FLAVA's codebook input as a florax.data.preprocess spec: the whole
+  image resized to `size`, pixels in [0, 1] mapped to (1 - 2 eps) x + eps,
+  i.e. mean = -eps / (1 - 2 eps), std = 1 / (1 - 2 eps). HF resizes with
+  Lanczos, florax's 'resize' bilinearly: pixels differ slightly."""
+  from florax.convert import hf_flava  # pylint: disable=g-import-not-at-top
+  from florax.data import preprocess as preprocess_lib  # pylint: disable=g-import-not-at-top
+  eps = hf_flava.CODEBOOK_PIXEL_EPS
+  return dict(preprocess_lib.resize_spec(size),
+              mean=[-eps / (1 - 2 * eps)] * 3, std=[1 / (1 - 2 * eps)] * 3)
+
+
+def import_hf_flava(arch: str, checkpoint: str, out: str,
+                    image_size: int | None = None, allow_missing=(),
+                    tokenizer_path: str | None = None,
+                    dtype: str = "float32",
+                    codebook_out: str | None = None) -> dict:
+  """Converts a Hugging Face FlavaModel / FlavaForPreTraining checkpoint
+  (florax.convert.hf_flava) and writes its import directory
+  (write_import_dir; module docstring); returns the manifest.
+
+  FlavaForPreTraining's heads and codebook are not FlavaModel params: they
+  are dropped without --allow_missing (florax.convert.convert, a note in
+  the report; the manifest's source.dropped lists them). With
+  `codebook_out` the checkpoint's image codebook ('image_codebook.*') is
+  imported too, as a second directory (florax.models.flava_codebook, at
+  the codebook arch's input size: 112 px for 'full').
+
+  Every check that costs nothing (arch, --out, --codebook_out,
+  --image_size, --dtype, the tokenizer and its vocabulary size) runs before
+  the checkpoint is read; a checkpoint that does not fit writes nothing."""
+  from florax import convert  # pylint: disable=g-import-not-at-top
+  from florax import export  # pylint: disable=g-import-not-at-top
+  from florax.convert import common  # pylint: disable=g-import-not-at-top
+  from florax.convert import hf_flava  # pylint: disable=g-import-not-at-top
+  fields = hf_flava.arch_fields(arch)  # a ValueError naming the known archs
+  check_out(out)
+  if codebook_out:
+    check_out(codebook_out, "--codebook_out")
+    if os.path.abspath(codebook_out) == os.path.abspath(out):
+      raise ValueError("--codebook_out must be another directory than --out")
+  if image_size is not None and image_size <= 0:
+    raise ValueError(f"--image_size must be positive, got {image_size}")
   if dtype not in export.DTYPES:
     raise ValueError(f"--dtype {dtype!r} is not one of {export.DTYPES}")
-  if os.path.exists(out) and os.listdir(out):
-    if not os.path.exists(os.path.join(out, export.MANIFEST)):
-      raise FileExistsError(
-          f"{out} exists and is not a florax export; choose another --out")
-    shutil.rmtree(out)
-  os.makedirs(out, exist_ok=True)
-  directory = os.path.abspath(out)
-  np_dtype = ml_dtypes.bfloat16 if dtype == "bfloat16" else np.float32
-  flat = {k: np.array(v, dtype=np_dtype, order="C")
-          for k, v in params.items()}
-  save_file(flat, os.path.join(out, export.PARAMS_FILE),
-            metadata={"format": export.FORMAT, "dtype": dtype, "step": "0"})
-  size, max_len = int(config["image_size"]), int(config["max_len"])
-  # unilm's BEiT-3 eval transform: the whole image resized to the input
-  # size, normalised to [-1, 1] (mean = std = 0.5).
-  preprocess = preprocess_lib.resize_spec(size)
-  names = [export.PARAMS_FILE, export.CONFIG_FILE]
-  tok_info = None
-  tok_file = ""
-  if tokenizer is not None:
-    tok_file, blob = tokenizer.serialize()
-    with open(os.path.join(out, tok_file), "wb") as f:
-      f.write(blob)
-    names.append(tok_file)
-    tok_info = {"kind": tokenizer.kind, "file": tok_file,
-                "vocab_size": int(tokenizer.vocab_size)}
-  cfg = ml_collections.ConfigDict({
-      "preset": "imported", "task": "",
-      "model": {"arch": "multiway", "multiway": dict(config["multiway"]),
-                "dtype": "float32"},
-      "data": {"image_size": size, "max_len": max_len,
-               "tokenizer_vocab_size": int(config["multiway"]["vocab_size"]),
-               "tokenizer_path": (f"{directory}/{tok_file}" if tok_file
-                                  else "")},
-      "init_from": {"path": directory, "step": -1, "prefixes": []},
-  })
-  with open(os.path.join(out, export.CONFIG_FILE), "w", encoding="utf-8") as f:
-    f.write(cfg.to_json_best_effort(indent=1, sort_keys=True))
-  source = {
-      "source": "torchscale", "arch": arch,
-      "checkpoint": os.path.abspath(checkpoint),
-      "checkpoint_sha256": export.sha256_file(checkpoint),
-      "image_size": size, "allow_missing": list(_patterns(allow_missing)),
-      "tensors": len(report.mapped),
-      "interpolated": [list(map(str, r)) for r in report.resized],
-      "dropped": list(report.dropped), "fresh": list(report.fresh),
-  }
-  files = {n: {"bytes": os.path.getsize(os.path.join(out, n)),
-               "sha256": export.sha256_file(os.path.join(out, n))}
-           for n in names}
-  manifest = {
-      "format": export.FORMAT, "version": export.VERSION, "step": 0,
-      "model": "multiway", "param_dtype": dtype,
-      "num_params": int(sum(v.size for v in flat.values())),
-      "image_size": size, "max_len": max_len, "tokenizer": tok_info,
-      "source": source, "export_platforms": [],
-      "image_input": "float32 (batch, S, S, 3) after `preprocess`",
-      "preprocess": preprocess, "files": files,
-  }
-  tmp = os.path.join(out, export.MANIFEST + ".tmp")
-  with open(tmp, "w", encoding="utf-8") as f:
-    json.dump(manifest, f, indent=1)
-  os.replace(tmp, os.path.join(out, export.MANIFEST))  # last: complete
-  print(report.summary(), flush=True)
-  print(f"florax: imported torchscale {arch} "
-        f"({manifest['num_params'] / 1e6:.2f}M params, {dtype}, {size}px) "
-        f"to {out}", flush=True)
+  tokenizer = load_wordpiece(tokenizer_path, fields["text"]["vocab_size"],
+                             arch)
+
+  state = common.read_checkpoint(checkpoint)
+  try:
+    imported = convert.convert("hf", state, arch, image_size,
+                               _patterns(allow_missing))
+  except common.ConversionError as e:
+    raise ValueError(conversion_message(e, checkpoint, "hf", arch)) from None
+  _refuse_fresh(imported.report)
+  has_codebook = any(k.startswith(hf_flava.CODEBOOK_PREFIX) for k in state)
+  codebook = None
+  if codebook_out:
+    if not has_codebook:
+      raise ValueError(
+          f"--codebook_out: {checkpoint} holds no image codebook (no "
+          f"{hf_flava.CODEBOOK_PREFIX}* tensors: a FlavaModel checkpoint, "
+          "not FlavaForPreTraining's); drop --codebook_out")
+    cb_arch = arch if arch in hf_flava.CODEBOOK_ARCHS else "full"
+    try:
+      codebook = hf_flava.convert_codebook_state_dict(state, cb_arch)
+    except common.ConversionError as e:
+      raise ValueError(conversion_message(
+          e, checkpoint, "hf", f"{arch} (its image codebook, as "
+          f"FlavaImageCodebook {cb_arch})")) from None
+  elif has_codebook:
+    imported.report.notes.append(
+        "the checkpoint holds FLAVA's image codebook: --codebook_out DIR "
+        "imports it as well")
+  if tokenizer is None:
+    imported.report.notes.append(
+        "no --tokenizer: the directory holds no text tokenizer (pass "
+        "facebook/flava-full's vocab.txt or tokenizer.json to include it)")
+  del state
+
+  sha = export.sha256_file(checkpoint)
+  flava_fields = imported.model["flava"]
+  manifest = write_import_dir(
+      out, imported.model, imported.params, imported.report, tokenizer,
+      source=source_record("hf", arch, checkpoint, imported.image_size,
+                           allow_missing, imported.report, sha),
+      image_size=imported.image_size, max_len=imported.max_len,
+      vocab_size=flava_fields["text"]["vocab_size"],
+      preprocess=imported.preprocess, dtype=dtype)
+  _done(f"hf FLAVA {arch}", manifest, imported.report, out)
+  if codebook is not None:
+    cb_config, cb_params, cb_report = codebook
+    size = int(cb_config["image_size"])
+    source = dict(source_record("hf", arch, checkpoint, size, (), cb_report,
+                                sha), component="image_codebook")
+    cb_manifest = write_import_dir(
+        codebook_out, {"arch": "flava_codebook",
+                       "flava_codebook": cb_config["codebook"],
+                       "dtype": "float32"},
+        cb_params, cb_report, None, source=source, image_size=size,
+        max_len=None, vocab_size=None, preprocess=codebook_preprocess(size),
+        dtype=dtype)
+    _done(f"hf FLAVA {arch}'s image codebook", cb_manifest, cb_report,
+          codebook_out)
   return manifest
 
 

@@ -204,8 +204,8 @@ def test_timm_import_at_a_larger_size(tmp_path):
 
 @pytest.mark.parametrize("args,message", [
     (("--source", "hf", "--arch", "flava_full"),
-     "--source hf: not yet: importing Hugging Face checkpoints is added by "
-     "the FLAVA work; available now: timm, open_clip, torchscale"),
+     "unknown Hugging Face FLAVA arch 'flava_full'; known: "
+     "facebook/flava-full, flava-full, full, test"),
     (("--source", "timm", "--arch", "vit_giant"),
      "--arch 'vit_giant' is not a known timm arch; known: "),
     (("--source", "timm", "--arch", "vit_test", "--tokenizer", MERGES),

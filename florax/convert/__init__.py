@@ -15,7 +15,11 @@
                (beit3_large_patch16_384, ...)      (onto florax.models.multiway;
                                                    launch.import_weights writes
                                                    its own directory, see there)
-  hf                                               not yet (FLAVA)
+  hf           full (facebook/flava-full:          florax.convert.hf_flava
+               HF FlavaModel or                    (onto florax.models.flava;
+               FlavaForPreTraining), test          launch.import_weights
+                                                   writes its own directory,
+                                                   see there)
 
 Archs a converter knows but florax cannot express (EVA02-E-14: post-norm
 blocks) are listed and refused with a ValueError naming the missing feature.
@@ -23,13 +27,18 @@ blocks) are listed and refused with a ValueError naming the missing feature.
 `convert(source, state_dict, arch, ...)` returns an `Imported`: the florax
 `config.model`, flat params, the conversion report and the eval-time image
 preprocessing, which `python -m launch.import_weights` writes as an export
-directory (florax.export.write_export). Modules are imported on demand: the
+directory (florax.export.write_export). For 'hf' the model is FLAVA, no
+two-tower: `Imported.model` is {'arch': 'flava', 'flava': FlavaConfig
+fields, 'dtype'}, and FlavaForPreTraining's heads and image codebook
+(hf_flava.PRETRAINING_EXTRAS: not FlavaModel params) are dropped without
+being asked for, listed in the report. Modules are imported on demand: the
 registry itself needs neither jax nor torch.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 import importlib
 import math
 from typing import Any, Iterable, Mapping
@@ -37,9 +46,6 @@ from typing import Any, Iterable, Mapping
 import numpy as np
 
 SOURCES = ("timm", "open_clip", "hf", "torchscale")
-# Named in the command line's choices so that users find them, answered with
-# a clear error until their converters exist.
-NOT_YET = {"hf": "Hugging Face checkpoints"}
 
 # timm arch name prefixes -> converter module.
 # First match wins: beit3_ leads so that no broader prefix shadows it.
@@ -55,9 +61,11 @@ class Imported:
   """One converted checkpoint.
 
   Attributes:
-    source: 'timm' or 'open_clip'.
+    source: 'timm', 'open_clip' or 'hf'.
     arch: the arch name it was converted as.
-    model: florax `config.model` (florax.models.two_tower.from_config).
+    model: florax `config.model` (florax.models.two_tower.from_config; for
+      'hf' {'arch': 'flava', 'flava': florax.models.flava.from_dict's
+      fields, 'dtype'}).
     image_size: the resolution the model was built for.
     max_len: the text length (None for an image-only model).
     params: {florax flat name: float32 array}.
@@ -74,20 +82,14 @@ class Imported:
   preprocess: dict
 
 
-def _not_yet(source: str):
-  raise ValueError(
-      f"--source {source}: not yet: importing {NOT_YET[source]} is added by "
-      "the FLAVA work; available now: timm, open_clip, torchscale")
-
-
 def module_for(source: str, arch: str):
   """The converter module of `source` for `arch`."""
-  if source in NOT_YET:
-    _not_yet(source)
   if source == "open_clip":
     return importlib.import_module("florax.convert.open_clip")
   if source == "torchscale":
     return importlib.import_module("florax.convert.torchscale_beit3")
+  if source == "hf":  # FLAVA is the one Hugging Face model florax imports
+    return importlib.import_module("florax.convert.hf_flava")
   if source == "timm":
     for prefix, name in _TIMM_FAMILIES:
       if arch.startswith(prefix):
@@ -101,8 +103,6 @@ def module_for(source: str, arch: str):
 
 
 def known_archs(source: str) -> list[str]:
-  if source in NOT_YET:
-    return []
   if source == "timm":
     return sorted(a for _, m in _TIMM_FAMILIES for a in
                   importlib.import_module(f"florax.convert.{m}").ARCHS)
@@ -142,6 +142,8 @@ def convert(source: str, state_dict: Mapping[str, np.ndarray], arch: str,
   """
   module = module_for(source, arch)
   allow_missing = tuple(allow_missing)
+  if source == "hf":
+    return _convert_flava(module, state_dict, arch, image_size, allow_missing)
   if source == "open_clip":
     kwargs = {} if eos_id is None else {"eos_id": eos_id}
     cfg, params, report = module.convert_state_dict(
@@ -162,3 +164,29 @@ def convert(source: str, state_dict: Mapping[str, np.ndarray], arch: str,
                            IMAGENET_STD)
   model = _image_only_model(cfg["family"], cfg["image"], cfg["num_classes"])
   return Imported(source, arch, model, size, None, params, report, spec)
+
+
+def _convert_flava(module, state_dict, arch: str, image_size, allow_missing
+                   ) -> Imported:
+  """Hugging Face FLAVA (hf_flava): FlavaForPreTraining's extras dropped
+  (a note in the report counts them), HF FlavaImageProcessor's eval
+  transform (a shorter-side resize with crop_pct 1.0: the same as HF's
+  whole-image resize for square images; see hf_flava.eval_transform)."""
+  cfg, params, report = module.convert_state_dict(
+      state_dict, arch, image_size, allow_missing + module.PRETRAINING_EXTRAS)
+  heads = [n for n in report.dropped if any(
+      fnmatch.fnmatchcase(n, p) for p in module.PRETRAINING_EXTRAS)]
+  if heads:
+    codebook = sum(n.startswith(module.CODEBOOK_PREFIX) for n in heads)
+    report.notes.append(
+        f"{len(heads)} FlavaForPreTraining tensors are not FlavaModel params "
+        f"and were dropped: {len(heads) - codebook} of its pre-training heads "
+        "(mim/mlm/itm/mmm_*_head: the FLAVA task brings heads of its own)"
+        + (f" and {codebook} of its image codebook (imported on its own: "
+           "launch.import_weights --codebook_out)" if codebook else ""))
+  size = cfg["image_size"]
+  ev = module.eval_transform(arch)
+  model = {"arch": "flava", "flava": cfg["flava"], "dtype": "float32"}
+  return Imported("hf", arch, model, size, cfg["max_len"], _c_order(params),
+                  report, eval_preprocess(size, ev["crop_pct"], ev["mean"],
+                                          ev["std"]))

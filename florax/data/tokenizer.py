@@ -10,10 +10,14 @@ Kinds and their files:
   "sentencepiece"          tokenizer.model          florax's own (below)
   "clip_bpe"               tokenizer.json           CLIP's byte-level BPE
   "sentencepiece_fairseq"  sentencepiece.bpe.model  XLM-R / BEiT-3 ids
+  "wordpiece"              wordpiece.json           BERT's WordPiece (FLAVA;
+                                                    read from a vocab.txt or
+                                                    a tokenizer.json)
 
 An imported CLIP is useless with the wrong text ids, so the imported kinds
 reproduce their reference implementations id for id (open_clip.tokenize,
-transformers' XLMRobertaTokenizer); tests/test_tokenizer_import.py checks it.
+transformers' XLMRobertaTokenizer and BertTokenizer);
+tests/test_tokenizer_import.py and tests/test_tokenizer.py check it.
 
 florax's own SentencePiece reserves ids 0..3: pad=0, unk=1, bos=2, eos=3.
 Every encoded text is `[bos] pieces... [eos] pad...`; when a text is too long
@@ -613,11 +617,203 @@ class FairseqSentencePiece(TextTokenizer):
     return self.file_name, self._proto
 
 
+# -- BERT WordPiece (FLAVA's text tokenizer) ----------------------------------
+
+# BERT's special tokens; bert-base-uncased (FLAVA's vocabulary) has them at
+# [PAD]=0, [UNK]=100, [CLS]=101, [SEP]=102, [MASK]=103 of 30522 ids.
+_BERT_SPECIALS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
+# transformers' BertTokenizer default: a longer word is one [UNK].
+_BERT_MAX_WORD_CHARS = 100
+
+
+class WordPieceTokenizer(TextTokenizer):
+  """BERT's WordPiece (bert-base-uncased: FLAVA's text tokenizer), run by
+  the Hugging Face `tokenizers` library as transformers' BertTokenizerFast
+  runs it: BertNormalizer (control characters dropped, whitespace made
+  spaces, CJK characters spaced, lower-cased and accents stripped when
+  uncased), BertPreTokenizer (split at whitespace and punctuation),
+  WordPiece ('##' continuations; a word with no split, or longer than 100
+  characters, is one [UNK]). A special token's literal name in a text
+  ("[MASK]") is its id.
+
+  Ids are the vocabulary's: bos=[CLS], eos=[SEP], pad=[PAD], `mask_id` =
+  [MASK], `unk_id` = [UNK]; `encode` = [CLS] pieces [SEP] [PAD]...
+
+  Build with `from_vocab` (BERT's vocab.txt: one token a line, the id is
+  the line number), `from_json` (a tokenizers JSON with a WordPiece model:
+  Hugging Face's tokenizer.json, or what `serialize` wrote) or `from_path`
+  (either file, or a directory holding tokenizer.json or vocab.txt).
+  `serialize` writes the tokenizers JSON (wordpiece.json): it keeps the
+  normalizer's settings, which a vocab.txt does not.
+  """
+
+  kind = "wordpiece"
+  file_name = "wordpiece.json"
+
+  def __init__(self, json_text: str, source: str = "tokenizer.json"):
+    from tokenizers import Tokenizer as HFTokenizer  # pylint: disable=g-import-not-at-top
+    try:
+      model = json.loads(json_text)["model"]
+    except (ValueError, KeyError, TypeError) as e:
+      raise ValueError(f"{source} is not a tokenizers JSON file: {e}"
+                       ) from None
+    if not isinstance(model, dict) or model.get("type") != "WordPiece":
+      raise ValueError(
+          f"{source} is not a WordPiece (BERT) tokenizer: its model is "
+          f"{model.get('type') if isinstance(model, dict) else model!r}")
+    vocab = model.get("vocab") or {}
+    missing = [t for t in _BERT_SPECIALS if t not in vocab]
+    if missing:
+      raise ValueError(f"{source}: the WordPiece vocabulary has no "
+                       f"{', '.join(missing)} (BERT's special tokens "
+                       f"{', '.join(_BERT_SPECIALS)} are needed)")
+    ids = sorted(vocab.values())
+    if ids != list(range(len(ids))):
+      raise ValueError(f"{source}: WordPiece vocabulary ids must be 0..n-1 "
+                       "without gaps or repeats")
+    try:
+      hf = HFTokenizer.from_str(json_text)
+    except Exception as e:  # pylint: disable=broad-except
+      raise ValueError(f"{source} does not load in tokenizers: {e}") from None
+    # florax frames and pads itself (`_frame`); a tokenizer.json may carry
+    # its own truncation/padding settings.
+    hf.no_truncation()
+    hf.no_padding()
+    self._hf = hf
+    self._json = hf.to_str()
+    self._ids = {t: int(vocab[t]) for t in _BERT_SPECIALS}
+    self._vocab_size = len(vocab)
+
+  # -- constructors -----------------------------------------------------------
+
+  @classmethod
+  def from_vocab(cls, path: str, lowercase: bool = True
+                 ) -> "WordPieceTokenizer":
+    """From BERT's vocab.txt (one token a line; id = line number, from 0).
+    `lowercase`: an uncased vocabulary (FLAVA's), which also strips
+    accents, as transformers' BertTokenizer(do_lower_case=True)."""
+    from tokenizers import (  # pylint: disable=g-import-not-at-top
+        AddedToken, Tokenizer as HFTokenizer, decoders, models, normalizers,
+        pre_tokenizers, processors)
+    lines = _read_text(path).split("\n")
+    if lines and lines[-1] == "":
+      lines.pop()  # the file's final newline
+    vocab = {}
+    for i, line in enumerate(lines):
+      token = line.rstrip("\r")
+      if not token:
+        raise ValueError(f"{path} line {i + 1} is empty: a BERT vocab.txt "
+                         "holds one token a line")
+      if token in vocab:
+        raise ValueError(f"{path}: token {token!r} occurs twice (lines "
+                         f"{vocab[token] + 1} and {i + 1})")
+      vocab[token] = i
+    missing = [t for t in _BERT_SPECIALS if t not in vocab]
+    if missing:
+      raise ValueError(f"{path} is not a BERT vocab.txt: it has no "
+                       f"{', '.join(missing)}")
+    hf = HFTokenizer(models.WordPiece(
+        vocab=vocab, unk_token="[UNK]",
+        max_input_chars_per_word=_BERT_MAX_WORD_CHARS))
+    hf.normalizer = normalizers.BertNormalizer(
+        clean_text=True, handle_chinese_chars=True, strip_accents=None,
+        lowercase=lowercase)
+    hf.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    hf.decoder = decoders.WordPiece(prefix="##")
+    hf.add_special_tokens([AddedToken(t, special=True, normalized=False)
+                           for t in _BERT_SPECIALS])
+    # For standalone users of the serialized file (florax frames itself).
+    hf.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+        special_tokens=[("[CLS]", vocab["[CLS]"]),
+                        ("[SEP]", vocab["[SEP]"])])
+    return cls(hf.to_str(), source=path)
+
+  @classmethod
+  def from_json(cls, text: str, source: str = "tokenizer.json"
+                ) -> "WordPieceTokenizer":
+    return cls(text, source=source)
+
+  @classmethod
+  def from_path(cls, path: str) -> "WordPieceTokenizer":
+    """A vocab.txt (any *.txt), a tokenizers JSON, or a directory holding
+    tokenizer.json (preferred) or vocab.txt (a Hugging Face model
+    folder)."""
+    if os.path.isdir(path):
+      for name in ("tokenizer.json", cls.file_name, "vocab.txt"):
+        if os.path.exists(os.path.join(path, name)):
+          return cls.from_path(os.path.join(path, name))
+      raise ValueError(f"{path} has neither tokenizer.json nor vocab.txt")
+    if path.endswith(".txt"):
+      return cls.from_vocab(path)
+    return cls.from_json(_read_text(path), source=path)
+
+  # -- the interface ----------------------------------------------------------
+
+  def __getstate__(self):
+    return {"json": self._json}
+
+  def __setstate__(self, state):
+    self.__init__(state["json"])
+
+  @property
+  def vocab_size(self) -> int:
+    return self._vocab_size
+
+  pad_id = property(lambda self: self._ids["[PAD]"])
+  bos_id = property(lambda self: self._ids["[CLS]"])
+  eos_id = property(lambda self: self._ids["[SEP]"])
+  mask_id = property(lambda self: self._ids["[MASK]"])
+  unk_id = property(lambda self: self._ids["[UNK]"])
+
+  def pieces(self, text: str) -> list[int]:
+    return self.pieces_batch([text])[0]
+
+  def pieces_batch(self, texts: Sequence[str]) -> list[list[int]]:
+    for t in texts:
+      if not isinstance(t, str):
+        raise TypeError(f"a text must be a str, got {type(t).__name__}")
+    try:
+      encs = self._hf.encode_batch(list(texts), add_special_tokens=False)
+    except Exception as e:  # pylint: disable=broad-except
+      raise ValueError(f"WordPiece tokenizer cannot encode these texts: {e}"
+                       ) from None
+    return [list(enc.ids) for enc in encs]
+
+  def decode(self, ids: Iterable[int]) -> str:
+    """The (lower-cased) text: a leading [CLS] dropped, stops at [SEP],
+    padding dropped, '##' pieces joined; [UNK] and [MASK] stay visible."""
+    ids = [int(i) for i in ids]
+    if ids and ids[0] == self.bos_id:
+      ids = ids[1:]
+    if self.eos_id in ids:
+      ids = ids[:ids.index(self.eos_id)]
+    ids = [i for i in ids if i != self.pad_id]
+    bad = [i for i in ids if not 0 <= i < self._vocab_size]
+    if bad:
+      raise ValueError(f"ids {bad[:5]} are outside the WordPiece vocabulary "
+                       f"of {self._vocab_size}")
+    return self._hf.decode(ids, skip_special_tokens=False)
+
+  def serialize(self) -> tuple[str, bytes]:
+    return self.file_name, self._json.encode("utf-8")
+
+
+def _json_model_type(path: str) -> str | None:
+  """The `model.type` of a tokenizers JSON file (None if it is not one)."""
+  try:
+    model = json.loads(_read_text(path)).get("model")
+  except (OSError, ValueError, AttributeError):
+    return None
+  return model.get("type") if isinstance(model, dict) else None
+
+
 # -- loading any kind ---------------------------------------------------------
 
 KINDS = {cls.kind: cls for cls in (Tokenizer, ClipTokenizer,
-                                   FairseqSentencePiece)}
+                                   FairseqSentencePiece, WordPieceTokenizer)}
 _BY_FILE_NAME = {cls.file_name: cls.kind for cls in KINDS.values()}
+_BY_FILE_NAME["vocab.txt"] = WordPieceTokenizer.kind  # BERT's vocabulary
 
 
 def from_file(path: str, kind: str | None = None) -> TextTokenizer:
@@ -625,17 +821,22 @@ def from_file(path: str, kind: str | None = None) -> TextTokenizer:
 
   With `kind` None the file name decides: tokenizer.model (florax's
   SentencePiece), tokenizer.json (CLIP BPE), sentencepiece.bpe.model (fairseq
-  SentencePiece, XLM-R's name for it); else any *.json (the only JSON kind is
-  CLIP's) or *.gz (open_clip's bpe_simple_vocab_16e6.txt.gz) is "clip_bpe".
+  SentencePiece, XLM-R's name for it), wordpiece.json and vocab.txt (BERT
+  WordPiece); else any *.json or *.gz (open_clip's
+  bpe_simple_vocab_16e6.txt.gz) is "clip_bpe" -- except a JSON file whose
+  tokenizers model is a WordPiece (a BERT tokenizer.json): "wordpiece".
   Other names (BEiT-3's beit3.spm: SentencePiece models of both kinds look
   alike) need `kind`; for "clip_bpe" a .txt/.gz file is read as open_clip's
-  merges format.
+  merges format; "wordpiece" also takes a Hugging Face model directory.
   """
   if kind is None:
     name = os.path.basename(path)
     kind = _BY_FILE_NAME.get(name)
     if kind is None and name.endswith((".json", ".gz")):
       kind = ClipTokenizer.kind
+    if (kind == ClipTokenizer.kind and name.endswith(".json")
+        and _json_model_type(path) == "WordPiece"):
+      kind = WordPieceTokenizer.kind
     if kind is None:
       raise ValueError(
           f"cannot tell the tokenizer kind of {path!r} from its file name "
@@ -650,6 +851,8 @@ def from_file(path: str, kind: str | None = None) -> TextTokenizer:
     return load_tokenizer(path)
   if kind == "sentencepiece_fairseq":
     return FairseqSentencePiece.from_path(path)
+  if kind == WordPieceTokenizer.kind:
+    return WordPieceTokenizer.from_path(path)
   if path.endswith((".gz", ".txt")):
     return ClipTokenizer.from_open_clip_vocab(path)
   return ClipTokenizer.from_hf(path)
