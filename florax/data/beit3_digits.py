@@ -131,17 +131,22 @@ class MaskText(grain.transforms.RandomMap):
 @dataclasses.dataclass(frozen=True)
 class MaskPair(grain.transforms.RandomMap):
   """{'image', 'label'} + one random description of its class, masked for
-  MVLM (separate: text or image; joint: both)."""
+  MVLM (separate: text or image; joint: both); with_label keeps the class
+  (FLAVA's class-level contrastive positives and ITM matches)."""
   tokenizer: TextTokenizer
   max_len: int
   settings: MaskSettings
+  with_label: bool = False
 
   def random_map(self, element, rng: np.random.Generator):
     s = self.settings
     template = digits.TEMPLATES[rng.integers(len(digits.TEMPLATES))]
     ids = self.tokenizer.encode(
         digits.describe(int(element["label"]), template), self.max_len)
-    return mask_pair(ids, element["image"], rng, s)
+    out = mask_pair(ids, element["image"], rng, s)
+    if self.with_label:
+      out["label"] = np.int32(element["label"])
+    return out
 
 
 def mask_pair(ids, image, rng: np.random.Generator, s: MaskSettings) -> dict:

@@ -8,3 +8,4 @@ from florax.tasks import beit3_mdm  # noqa: F401,E402
 from florax.tasks import beit3_vqa  # noqa: F401,E402
 from florax.tasks import beit3_caption  # noqa: F401,E402
 from florax.tasks import beit3_retrieval  # noqa: F401,E402
+from florax.tasks import flava  # noqa: F401,E402

@@ -1,0 +1,545 @@
+"""FLAVA pre-training (Singh et al. 2022, §3.2-3.3): one model, five
+objectives, over image-only, text-only and paired data picked round-robin
+(task `flava`, configs/flava.py).
+
+Every step is ONE batch kind, drawn by the trainer from `train.mixture` (a
+pure function of (seed, step): a resume replays the sequence), and gets
+that kind's losses; the trainer compiles one step per kind:
+
+  image  MIM on the image encoder: block-masked patches ([MASK] embedding)
+         -> `mim_head` on the image tokens -> the frozen visual tokenizer's
+         codes of the unmasked image, CE at the masked patches.
+  text   MLM on the text encoder: BERT-masked tokens -> `mlm_head` -> the
+         original ids, CE at the masked positions.
+  pair   global contrastive on the UNMASKED image and text (run separately
+         from the masked pass, as the paper says): the normalised
+         projections of h_CLS,I and h_CLS,T, logits scaled by exp(logit
+         scale), florax's contrastive loss over the whole (global) batch --
+         under jit the batch is the global array, so the gradient flows
+         back through the gather to every device; `flava.positives`
+         'instance' (CLIP's InfoNCE, each image its own text) or 'class'
+         (UniCL: texts of the same class are positives; the digits repeat
+         10 classes per batch).
+         The masked pass: a fraction `flava.itm_negative_rate` of the pairs
+         get another pair's (masked) text, drawn within the batch (a
+         random derangement from the step's rng); the masked image and that
+         text run through the multimodal encoder; ITM = CE of `itm_head` on
+         the multimodal pooler (h_CLS,M) against matched/unmatched
+         (`flava.itm_match` 'instance': only the pair's own text matches;
+         'class': a text of the same class matches); MMM = CE of
+         `mmm_image_head` on the multimodal image tokens (codes) and
+         `mmm_text_head` on the multimodal text tokens (ids) at the masked
+         positions of the MATCHED pairs only (HF FlavaForPreTraining: a
+         mismatched text says nothing about its image).
+
+The loss of a step is the weighted sum of its kind's terms
+(`flava.loss_weights`); per-kind losses, accuracies and counts are logged
+as train/<kind>/... by the trainer. Heads are dense -> GELU -> LayerNorm ->
+dense (BERT's prediction head, HF's FlavaMaskedPredictionHead) and the ITM
+head one dense on the pooler (HF's FlavaITMHead).
+
+Params: `flava/...` (florax.models.flava.Flava: HF FlavaModel's layout, so
+an imported FLAVA loads with init_from.prefixes [["", "flava"]]) and the
+heads. Unimodal-then-joint (the paper's recipe): a first run with
+`train.mixture` {image, text} only trains both encoders with MIM and MLM;
+the joint run starts from it with init_from.prefixes [["flava", "flava"]]
+(or per encoder: ["flava/image_encoder", ...]).
+
+Evaluation (held-out digits): zero-shot top-1 from the contrastive
+embeddings (prompt-ensembled class texts), and ITM accuracy on each held-out
+image paired with a description of its own digit and with one of another
+digit (eval/itm_accuracy, chance 0.5).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from florax.data import beit3_digits
+from florax.data import digits
+from florax.data import flava_digits
+from florax.data import pipeline
+from florax.data import tokenizer as tok_lib
+from florax.evaluate import mesh_map
+from florax.evaluate import zeroshot
+from florax.losses import contrastive
+from florax.models import flava as flava_lib
+from florax.models import layers, two_tower
+from florax.parallel import sharding as sharding_lib
+from florax.tasks import base
+from florax.tasks import beit3_mdm
+from florax.tasks.registry import register
+
+KINDS = flava_digits.KINDS
+# The loss terms of each kind.
+TERMS = {"image": ("mim",), "text": ("mlm",),
+         "pair": ("contrastive", "itm", "mmm_image", "mmm_text")}
+POSITIVES = ("instance", "class")
+DATA_SOURCES = ("digits",)
+
+
+# -- the objectives (pure) ------------------------------------------------------
+
+def itm_pairs(rng, labels, negative_rate: float, match: str):
+  """In-batch ITM negatives: (text index of each pair (B,), matched (B,)).
+
+  round(negative_rate * B) pairs, chosen at random, take the text of
+  another pair (a random derangement of the chosen ones among all pairs:
+  pair i gets text perm[i] != i); the rest keep their own. `match`
+  'instance': only a pair's own text matches; 'class': a text whose label
+  equals the image's also does (a same-class negative is a positive)."""
+  labels = jnp.asarray(labels)
+  b = labels.shape[0]
+  k_sel, k_perm = jax.random.split(rng)
+  n_neg = int(round(negative_rate * b))
+  order = jax.random.permutation(k_sel, b)
+  chosen = jnp.zeros((b,), bool).at[order[:n_neg]].set(True)
+  # A shift by 1..b-1 of a random permutation is a derangement.
+  perm = jax.random.permutation(k_perm, b)
+  shift = 1 + jax.random.randint(k_perm, (), 0, max(b - 1, 1))
+  other = jnp.zeros((b,), jnp.int32).at[perm].set(perm[(jnp.arange(b) + shift)
+                                                       % b])
+  text_index = jnp.where(chosen, other, jnp.arange(b))
+  if match == "class":
+    matched = labels[text_index] == labels
+  else:
+    matched = text_index == jnp.arange(b)
+  return text_index, matched
+
+
+def itm_loss(logits, matched):
+  """(mean CE over {unmatched, matched}, accuracy)."""
+  logp = jax.nn.log_softmax(logits.astype(jnp.float32), -1)
+  target = matched.astype(jnp.int32)
+  nll = -jnp.take_along_axis(logp, target[:, None], -1)[:, 0]
+  hit = jnp.argmax(logits, -1) == target
+  return jnp.mean(nll), jnp.mean(hit.astype(jnp.float32))
+
+
+def contrastive_loss(image_emb, text_emb, labels, scale, positives: str):
+  """florax's contrastive loss (the sum of both directions; (loss,
+  metrics)): 'instance' = CLIP's InfoNCE, 'class' = UniCL over `labels`."""
+  if positives == "instance":
+    labels = jnp.arange(image_emb.shape[0])
+  return contrastive.unicl_loss(image_emb, text_emb, labels, scale)
+
+
+# -- the model ------------------------------------------------------------------
+
+class MaskedHead(nn.Module):
+  """dense -> GELU -> LayerNorm -> dense(out): BERT's prediction head."""
+  out: int
+  norm_eps: float = 1e-12
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    x = layers.dense(x.shape[-1], ("embed", "mlp"), dtype=self.dtype,
+                     name="transform")(x)
+    x = jax.nn.gelu(x, approximate=False)
+    x = layers.layer_norm(name="norm", epsilon=self.norm_eps)(x)
+    return layers.dense(self.out, ("embed", "vocab"), dtype=self.dtype,
+                        name="decoder")(x).astype(jnp.float32)
+
+
+class FlavaPretraining(nn.Module):
+  """Flava + the five objectives' heads (module docstring)."""
+  config: flava_lib.FlavaConfig
+  num_codes: int
+  dtype: Any = jnp.float32
+
+  def setup(self):
+    cfg = self.config
+    self.flava = flava_lib.Flava(cfg, self.dtype)
+    vocab = cfg.text.vocab_size
+    self.mim_head = MaskedHead(self.num_codes, cfg.image.norm_eps, self.dtype)
+    self.mlm_head = MaskedHead(vocab, cfg.text.norm_eps, self.dtype)
+    self.mmm_image_head = MaskedHead(self.num_codes,
+                                     cfg.multimodal.norm_eps, self.dtype)
+    self.mmm_text_head = MaskedHead(vocab, cfg.multimodal.norm_eps,
+                                    self.dtype)
+    self.itm_head = layers.dense(2, ("embed", "classes"), dtype=self.dtype)
+
+  def mim(self, images, mask, deterministic=True):
+    tokens, _ = self.flava.encode_image(images, mask, deterministic)
+    return self.mim_head(tokens[:, 1:])  # the patches, not [CLS_I]
+
+  def mlm(self, ids, valid, deterministic=True):
+    tokens, _ = self.flava.encode_text(ids, valid,
+                                       deterministic=deterministic)
+    return self.mlm_head(tokens)
+
+  def embeddings(self, images, ids, valid, deterministic=True):
+    """Unmasked contrastive embeddings and the scale."""
+    return (self.flava.image_embedding(images, deterministic),
+            self.flava.text_embedding(ids, valid,
+                                      deterministic=deterministic),
+            self.flava.logit_scale())
+
+  def image_embedding(self, images):
+    return self.flava.image_embedding(images)
+
+  def text_embedding(self, ids, valid):
+    return self.flava.text_embedding(ids, valid)
+
+  def multimodal(self, images, image_mask, ids, valid, deterministic=True):
+    """(ITM logits (B, 2), MMM image logits (B, N, codes), MMM text logits
+    (B, L, vocab)) of the (masked) pairs."""
+    image, ai = self.flava.encode_image(images, image_mask, deterministic)
+    _, at = self.flava.encode_text(ids, valid, deterministic=deterministic)
+    tokens, am = self.flava.multimodal(ai["pre_norm_tokens"],
+                                       at["pre_norm_tokens"], valid,
+                                       deterministic)
+    n_image = image.shape[1]  # [CLS_I] + patches
+    # [CLS_M], [CLS_I], patches, text tokens
+    return (self.itm_head(am["pooled"]).astype(jnp.float32),
+            self.mmm_image_head(tokens[:, 2:1 + n_image]),
+            self.mmm_text_head(tokens[:, 1 + n_image:]))
+
+  def init_all(self, images, mask, ids, valid):
+    """Creates every param."""
+    return (self.mim(images, mask), self.mlm(ids, valid),
+            self.embeddings(images, ids, valid),
+            self.multimodal(images, mask, ids, valid))
+
+
+# -- the task -------------------------------------------------------------------
+
+@register("flava")
+class FlavaTask(base.Task):
+  example_unit = "examples"
+  # The pair kind's contrastive loss couples the batch.
+  supports_grad_accumulation = False
+
+  def __init__(self, config, workdir, mesh, rules):
+    super().__init__(config, workdir, mesh, rules)
+    self._vq = None
+    self._tok = None
+    self._maps = {}
+    self._holdout = None
+    self._itm_fn = None
+
+  # -- config ---------------------------------------------------------------
+
+  def validate(self):
+    cfg, d, f = self.config, self.config.data, self.config.flava
+    if d.name not in DATA_SOURCES:
+      raise ValueError(f"unknown dataset {d.name!r}; data.name is one of "
+                       f"{DATA_SOURCES}")
+    fc = self.flava_config
+    flava_lib.validate(fc, d.image_size)
+    if cfg.model.dtype not in two_tower.DTYPES:
+      raise ValueError(f"model.dtype {cfg.model.dtype!r} is not one of "
+                       f"{sorted(two_tower.DTYPES)}")
+    if not beit3_mdm._is_int(d.max_len) or not 3 <= d.max_len <= (  # pylint: disable=protected-access
+        fc.text.max_len):
+      raise ValueError(f"data.max_len must be an integer in [3, model.flava."
+                       f"text.max_len={fc.text.max_len}], got {d.max_len!r}")
+    sizes = d.batch_sizes
+    if set(sizes) != set(KINDS):
+      raise ValueError(f"data.batch_sizes must name {list(KINDS)}, got "
+                       f"{sorted(sizes)}")
+    for k in KINDS:
+      if not beit3_mdm._is_int(sizes[k]) or sizes[k] < 2:  # pylint: disable=protected-access
+        raise ValueError(f"data.batch_sizes.{k} must be an integer >= 2, got "
+                         f"{sizes[k]!r}")
+    w = f.loss_weights
+    terms = [t for k in KINDS for t in TERMS[k]]
+    if set(w) != set(terms):
+      raise ValueError(f"flava.loss_weights must name {terms}, got "
+                       f"{sorted(w)}")
+    for t in terms:
+      if not w[t] >= 0:
+        raise ValueError(f"flava.loss_weights.{t} must be >= 0, got {w[t]!r}")
+    if f.positives not in POSITIVES:
+      raise ValueError(f"flava.positives must be one of {POSITIVES}, got "
+                       f"{f.positives!r}")
+    if f.itm_match not in POSITIVES:
+      raise ValueError(f"flava.itm_match must be one of {POSITIVES}, got "
+                       f"{f.itm_match!r}")
+    if not 0 < f.itm_negative_rate < 1:
+      raise ValueError(f"flava.itm_negative_rate must be in (0, 1), got "
+                       f"{f.itm_negative_rate!r}")
+    for name in ("mlm_rate", "mim_ratio", "mmm_text_rate"):
+      if not 0 < f[name] < 1:
+        raise ValueError(f"flava.{name} must be in (0, 1), got {f[name]!r}")
+    if cfg.get("evals"):
+      raise ValueError("flava evaluates on the held-out digits itself "
+                       "(config.evals must be empty)")
+    tok = self.text_tokenizer
+    if self.mask_id >= fc.text.vocab_size:
+      raise ValueError(
+          f"the text tokenizer has {tok.vocab_size} pieces and [MASK] id "
+          f"{self.mask_id}, but model.flava.text.vocab_size is "
+          f"{fc.text.vocab_size}; set it to at least {self.mask_id + 1}")
+    vq, g = self.visual_tokenizer, fc.image.grid
+    if vq.grid != g:
+      raise ValueError(
+          f"the visual tokenizer ({cfg.tokenizer.path}) gives a {vq.grid}x"
+          f"{vq.grid} code grid but the image encoder has {g}x{g} patches; "
+          "MIM needs one code per patch")
+
+  # -- pieces ---------------------------------------------------------------
+
+  @property
+  def flava_config(self) -> flava_lib.FlavaConfig:
+    return flava_lib.from_dict(self.config.model.flava.to_dict())
+
+  @property
+  def dtype(self):
+    return two_tower.DTYPES[self.config.model.dtype]
+
+  @property
+  def visual_tokenizer(self):
+    """The frozen image tokenizer (a `vqkd` workdir, as BEiT-3's MDM)."""
+    if self._vq is None:
+      t = self.config.tokenizer
+      if not t.path:
+        raise ValueError("no visual tokenizer: set tokenizer.path to a "
+                         "`vqkd` training workdir (configs/vqkd.py)")
+      self._vq = beit3_mdm.load_visual_tokenizer(t.path, t.get("step", -1),
+                                                 self.dtype)
+      spec = self.preprocess_spec()
+      self._vq.set_input_stats(spec["mean"], spec["std"])
+    return self._vq
+
+  @property
+  def text_tokenizer(self) -> tok_lib.TextTokenizer:
+    """data.text_tokenizer_path, else a SentencePiece of the digits'
+    descriptions cached in the workdir (beit3_mdm's recipe)."""
+    if self._tok is None:
+      d = self.config.data
+      if d.text_tokenizer_path:
+        self._tok = tok_lib.from_file(d.text_tokenizer_path,
+                                      kind=d.text_tokenizer_kind or None)
+      else:
+        import os  # pylint: disable=g-import-not-at-top
+        self._tok = tok_lib.load_or_train_tokenizer(
+            os.path.join(self.workdir, "tokenizer.model"),
+            digits.all_descriptions(), d.text_tokenizer_vocab_size)
+    return self._tok
+
+  @property
+  def mask_id(self) -> int:
+    tok = self.text_tokenizer
+    return int(getattr(tok, "mask_id", tok.vocab_size))
+
+  @property
+  def model(self) -> FlavaPretraining:
+    return FlavaPretraining(self.flava_config,
+                            self.visual_tokenizer.num_codes, self.dtype)
+
+  def mask_settings(self) -> beit3_digits.MaskSettings:
+    f, tok = self.config.flava, self.text_tokenizer
+    return beit3_digits.MaskSettings(
+        grid=self.flava_config.image.grid,
+        vocab_size=min(tok.vocab_size, self.mask_id), mask_id=self.mask_id,
+        mlm_rate=f.mlm_rate, mim_ratio=f.mim_ratio, min_block=f.min_block,
+        mvlm_text_rate=f.mmm_text_rate, mvlm_mode="joint")
+
+  def _valid(self, ids):
+    return ids != self.text_tokenizer.pad_id
+
+  # -- batches ----------------------------------------------------------------
+
+  def batch_kinds(self):
+    d = self.config.data
+    s, length = d.image_size, d.max_len
+    n = self.flava_config.image.grid ** 2
+
+    def spec(b, *shape, dtype=jnp.int32):
+      return jax.ShapeDtypeStruct((b,) + shape, dtype)
+
+    def image(b):
+      return {"images": spec(b, s, s, 3, dtype=jnp.float32),
+              "image_mask": spec(b, n, dtype=jnp.bool_)}
+
+    def text(b):
+      return {"ids": spec(b, length), "targets": spec(b, length),
+              "mlm_mask": spec(b, length, dtype=jnp.bool_)}
+
+    b = d.batch_sizes
+    return {"image": image(b.image), "text": text(b.text),
+            "pair": {**image(b.pair), **text(b.pair),
+                     "label": spec(b.pair)}}
+
+  def init(self, rng):
+    d = self.config.data
+    s, n = d.image_size, self.flava_config.image.grid ** 2
+    ids = jnp.zeros((1, d.max_len), jnp.int32)
+    return self.model.init(
+        {"params": rng}, jnp.zeros((1, s, s, 3)), jnp.zeros((1, n), bool),
+        ids, jnp.ones((1, d.max_len), bool),
+        method=FlavaPretraining.init_all)["params"]
+
+  def frozen_spec(self):
+    return self.visual_tokenizer.spec()
+
+  def load_frozen(self, shardings):
+    return self.visual_tokenizer.load(shardings)
+
+  def frozen_source(self):
+    return "visual tokenizer: " + self.visual_tokenizer.source()
+
+  def train_iterators(self, process_index, process_count):
+    from florax import export  # pylint: disable=g-import-not-at-top
+    from florax.train import run_record  # pylint: disable=g-import-not-at-top
+    d = self.config.data
+    self.text_tokenizer  # trains it into the workdir if needed
+    path = d.text_tokenizer_path or f"{self.workdir}/tokenizer.model"
+    run_record.record_or_check(
+        self.workdir, "tokenizer.json", {"sha256": export.sha256_file(path)},
+        "text tokenizer", "Train with the tokenizer this workdir was trained "
+        "with (data.text_tokenizer_path), or use a new --workdir.")
+    kinds = [k for k, w in self.kind_weights().items() if w > 0]
+    return {k: iter(flava_digits.kind_dataset(
+        k, tokenizer=self.text_tokenizer, settings=self.mask_settings(),
+        image_size=d.image_size, max_len=d.max_len,
+        batch_size=d.batch_sizes[k] // process_count, seed=self.config.seed,
+        process_index=process_index, process_count=process_count,
+        random_shift=d.random_shift, train_examples=d.train_examples))
+            for k in kinds}
+
+  # -- objective --------------------------------------------------------------
+
+  def visual_codes(self, frozen, images):
+    return jax.lax.stop_gradient(
+        self.visual_tokenizer.codes(frozen, images)).astype(jnp.int32)
+
+  def loss(self, params, batch, rng, ctx):
+    model, f = self.model, self.config.flava
+    w = dict(f.loss_weights)
+    k_drop, k_itm = jax.random.split(rng)
+
+    def apply(*args, method):
+      return model.apply({"params": params}, *args, deterministic=False,
+                         rngs={"dropout": k_drop}, method=method)
+    terms = {}
+    if ctx.kind == "image":
+      logits = apply(batch["images"], batch["image_mask"],
+                     method=FlavaPretraining.mim)
+      codes = self.visual_codes(ctx.frozen, batch["images"])
+      terms["mim"] = beit3_mdm.masked_cross_entropy(logits, codes,
+                                                    batch["image_mask"])
+    elif ctx.kind == "text":
+      logits = apply(batch["ids"], self._valid(batch["ids"]),
+                     method=FlavaPretraining.mlm)
+      terms["mlm"] = beit3_mdm.masked_cross_entropy(
+          logits, batch["targets"], batch["mlm_mask"])
+    else:
+      terms.update(self._pair_terms(apply, batch, ctx.frozen, k_itm))
+    total, metrics = 0.0, {}
+    for name, value in terms.items():
+      loss, acc = value[0], value[1]
+      total = total + w[name] * loss
+      metrics[f"{name}_loss"], metrics[f"{name}_accuracy"] = loss, acc
+      if len(value) > 2:
+        metrics[f"{name}_masked"] = value[2]
+    return total, metrics
+
+  def _pair_terms(self, apply, batch, frozen, rng):
+    f = self.config.flava
+    batch = {k: jnp.asarray(v) for k, v in batch.items()}  # indexed by tracers
+    images, clean, labels = batch["images"], batch["targets"], batch["label"]
+    image_emb, text_emb, scale = apply(images, clean, self._valid(clean),
+                                       method=FlavaPretraining.embeddings)
+    loss, m = contrastive_loss(image_emb, text_emb, labels, scale,
+                               f.positives)
+    # i2t_acc: the in-batch image->text argmax is a positive.
+    terms = {"contrastive": (loss, m["i2t_acc"])}
+    text_index, matched = itm_pairs(rng, labels, f.itm_negative_rate,
+                                    f.itm_match)
+    ids = batch["ids"][text_index]
+    itm_logits, mmm_image, mmm_text = apply(
+        images, batch["image_mask"], ids, self._valid(ids),
+        method=FlavaPretraining.multimodal)
+    terms["itm"] = itm_loss(itm_logits, matched)
+    codes = self.visual_codes(frozen, images)
+    pos = matched[:, None]
+    terms["mmm_image"] = beit3_mdm.masked_cross_entropy(
+        mmm_image, codes, batch["image_mask"] & pos)
+    terms["mmm_text"] = beit3_mdm.masked_cross_entropy(
+        mmm_text, clean[text_index], batch["mlm_mask"][text_index] & pos)
+    return terms
+
+  # -- evaluation -------------------------------------------------------------
+
+  def _map(self, name, fn):
+    if name not in self._maps:
+      self._maps[name] = mesh_map.MeshMap(
+          fn, sharding_lib.batch_sharding(self.mesh, self.rules),
+          self.config.get("eval_batch_size", 128))
+    return self._maps[name]
+
+  def encode_images(self, params, images) -> np.ndarray:
+    model = self.model
+    return self._map("image", lambda p, x: model.apply(
+        {"params": p}, x, method=FlavaPretraining.image_embedding))(
+            params, images)
+
+  def encode_texts(self, params, ids) -> np.ndarray:
+    model = self.model
+    return self._map("text", lambda p, x: model.apply(
+        {"params": p}, x, self._valid(x),
+        method=FlavaPretraining.text_embedding))(params, ids)
+
+  def itm_logits(self, params, images, ids) -> np.ndarray:
+    """ITM logits of unmasked (image, text) pairs, in fixed-size chunks."""
+    model, n = self.model, self.flava_config.image.grid ** 2
+    if self._itm_fn is None:
+      self._itm_fn = jax.jit(lambda p, x, t: model.apply(
+          {"params": p}, x, jnp.zeros((x.shape[0], n), bool), t,
+          self._valid(t), method=FlavaPretraining.multimodal)[0])
+    bs = int(self.config.get("eval_batch_size", 128))
+    out = []
+    for start in range(0, len(images), bs):
+      x, t = images[start:start + bs], ids[start:start + bs]
+      k = len(x)
+      if k < bs:
+        x = np.concatenate([x, np.zeros((bs - k,) + x.shape[1:], x.dtype)])
+        t = np.concatenate([t, np.zeros((bs - k,) + t.shape[1:], t.dtype)])
+      out.append(np.asarray(self._itm_fn(params, x, t))[:k])
+    return np.concatenate(out)
+
+  def holdout(self):
+    """(images, labels, own-class ids, other-class ids): image i's own
+    description (template i mod T) and one of digit (label + 1 + i mod 9)
+    mod 10."""
+    if self._holdout is None:
+      d = self.config.data
+      images, labels = pipeline.holdout_arrays(d.image_size)
+      t = digits.TEMPLATES
+      own = [digits.describe(int(c), t[i % len(t)])
+             for i, c in enumerate(labels)]
+      other = [digits.describe(int(c + 1 + i % 9) % 10, t[i % len(t)])
+               for i, c in enumerate(labels)]
+      tok = self.text_tokenizer
+      self._holdout = (images, labels, tok.encode_batch(own, d.max_len),
+                       tok.encode_batch(other, d.max_len))
+    return self._holdout
+
+  def evaluate(self, params, frozen=None, step=None):
+    images, labels, own, other = self.holdout()
+    tok, d = self.text_tokenizer, self.config.data
+    templates = [x.replace("{word}", "{}") for x in digits.TEMPLATES
+                 if "{word}" in x]
+    class_emb = zeroshot.class_embeddings(
+        lambda texts: self.encode_texts(params, tok.encode_batch(
+            list(texts), d.max_len)), list(digits.CLASS_WORDS), templates)
+    image_emb = self.encode_images(params, images)
+    top1 = float(np.mean(np.argmax(image_emb @ class_emb.T, -1) == labels))
+    pos = self.itm_logits(params, images, own)
+    neg = self.itm_logits(params, images, other)
+    # Pessimistic ties: an exact tie is a miss.
+    itm = np.concatenate([pos[:, 1] > pos[:, 0], neg[:, 0] > neg[:, 1]])
+    return {"eval/zeroshot_top1": top1,
+            "eval/itm_accuracy": float(itm.mean())}
+
+  def preprocess_spec(self) -> dict:
+    from florax.data import preprocess  # pylint: disable=g-import-not-at-top
+    return preprocess.resize_spec(self.config.data.image_size)
