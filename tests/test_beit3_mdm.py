@@ -30,6 +30,7 @@ from florax.data import digits
 from florax.data import tokenizer as tok_lib
 from florax.models import layers
 from florax.tasks import beit3_mdm
+from florax.tasks import vq_tokenizer
 
 
 # -- a stand-in visual tokenizer ------------------------------------------------
@@ -89,7 +90,7 @@ def fake_vq(monkeypatch):
     made["tok"] = FakeVQTokenizer(path, step, dtype,
                                   **made.get("kwargs", {}))
     return made["tok"]
-  monkeypatch.setattr(beit3_mdm, "load_visual_tokenizer", load)
+  monkeypatch.setattr(vq_tokenizer, "load_visual_tokenizer", load)
   return made
 
 

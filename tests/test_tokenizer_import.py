@@ -146,7 +146,8 @@ def test_clip_bad_files(tmp_path):
   with pytest.raises(ValueError, match="line 2"):
     tok_lib.ClipTokenizer.from_open_clip_vocab(str(bad))
   other = tmp_path / "tokenizer.json"
-  other.write_text(json.dumps({"model": {"type": "WordPiece"}}))
+  # (a WordPiece tokenizer.json is the 'wordpiece' kind's: test_tokenizer.py)
+  other.write_text(json.dumps({"model": {"type": "Unigram"}}))
   with pytest.raises(ValueError, match="not a CLIP tokenizer"):
     tok_lib.from_file(str(other))
   with pytest.raises(ValueError, match="max_len"):
@@ -224,7 +225,7 @@ def test_florax_sentencepiece_shares_the_interface(tmp_path):
   np.testing.assert_array_equal(back.encode_batch(texts, 16),
                                 own.encode_batch(texts, 16))
   with pytest.raises(ValueError, match="unknown tokenizer kind"):
-    tok_lib.from_file(path, kind="wordpiece")
+    tok_lib.from_file(path, kind="unigram")
   with pytest.raises(FileNotFoundError):
     tok_lib.from_file(str(tmp_path / "tokenizer.json"))
 

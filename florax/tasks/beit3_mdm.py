@@ -58,6 +58,7 @@ from florax.models import layers, multiway, two_tower
 from florax.models import vqkd as vqkd_lib
 from florax.parallel import sharding as sharding_lib
 from florax.tasks import base
+from florax.tasks import vq_tokenizer
 from florax.tasks.registry import register
 from florax.train import run_record
 
@@ -141,13 +142,6 @@ class MDMModel(nn.Module):
     return out
 
 
-def load_visual_tokenizer(path: str, step: int, dtype):
-  """The frozen VQ-KD tokenizer of a `vqkd` workdir (a module function so
-  tests can substitute one)."""
-  from florax.tasks import vq_tokenizer  # pylint: disable=g-import-not-at-top
-  return vq_tokenizer.FrozenVQTokenizer(path, step, dtype)
-
-
 def _is_int(v) -> bool:
   return isinstance(v, int) and not isinstance(v, bool)
 
@@ -155,7 +149,7 @@ def _is_int(v) -> bool:
 # -- the task -------------------------------------------------------------------
 
 @register("beit3_mdm")
-class BEiT3MDMTask(base.Task):
+class BEiT3MDMTask(vq_tokenizer.VisualTokenizerMixin, base.Task):
   # One row of a global batch: composition / rows images, texts and pairs
   # (one of each with the paper's equal composition).
   example_unit = "rows"
@@ -296,15 +290,8 @@ class BEiT3MDMTask(base.Task):
                        f"{tok.pad_id}, model.multiway.pad_id is {mw.pad_id}")
 
   def _validate_visual_tokenizer(self):
-    vq, g = self.visual_tokenizer, self.backbone.grid
-    if vq.grid != g:
-      raise ValueError(
-          f"the visual tokenizer ({self.config.tokenizer.path}) gives a "
-          f"{vq.grid}x{vq.grid} code grid but the model has {g}x{g} patches "
-          f"(model.multiway.image_size / patch_size); MIM needs one code per "
-          "patch")
-    if vq.num_codes < 2:
-      raise ValueError(f"the visual tokenizer has {vq.num_codes} codes")
+    self.check_visual_grid(self.backbone.grid, "the model (model.multiway."
+                           "image_size / patch_size)")
 
   # -- pieces ---------------------------------------------------------------
 
@@ -316,18 +303,6 @@ class BEiT3MDMTask(base.Task):
   @property
   def dtype(self):
     return two_tower.DTYPES[self.config.model.dtype]
-
-  @property
-  def visual_tokenizer(self):
-    if self._vq is None:
-      t = self.config.tokenizer
-      if not t.path:
-        raise ValueError("no visual tokenizer: set tokenizer.path to a "
-                         "`vqkd` training workdir (configs/vqkd.py)")
-      self._vq = load_visual_tokenizer(t.path, t.get("step", -1), self.dtype)
-      spec = self.preprocess_spec()
-      self._vq.set_input_stats(spec["mean"], spec["std"])
-    return self._vq
 
   @property
   def text_tokenizer(self) -> tok_lib.TextTokenizer:
@@ -416,15 +391,6 @@ class BEiT3MDMTask(base.Task):
 
   # -- frozen visual tokenizer -------------------------------------------------
 
-  def frozen_spec(self):
-    return self.visual_tokenizer.spec()
-
-  def load_frozen(self, shardings):
-    return self.visual_tokenizer.load(shardings)
-
-  def frozen_source(self):
-    return "visual tokenizer: " + self.visual_tokenizer.source()
-
   # -- data -------------------------------------------------------------------
 
   def record_text_tokenizer(self):
@@ -475,11 +441,6 @@ class BEiT3MDMTask(base.Task):
         random_shift=d.random_shift, train_examples=d.train_examples)
 
   # -- objective --------------------------------------------------------------
-
-  def visual_codes(self, frozen, images):
-    """The tokenizer's code of every patch, (B, grid * grid) int32."""
-    return jax.lax.stop_gradient(
-        self.visual_tokenizer.codes(frozen, images)).astype(jnp.int32)
 
   def forward(self, params, batch, rng=None):
     """The three Multiway calls: {'image', 'text', 'pair'} -> their logits

@@ -73,6 +73,7 @@ from florax.models import layers, two_tower
 from florax.parallel import sharding as sharding_lib
 from florax.tasks import base
 from florax.tasks import beit3_mdm
+from florax.tasks import vq_tokenizer
 from florax.tasks.registry import register
 
 KINDS = flava_digits.KINDS
@@ -211,7 +212,7 @@ class FlavaPretraining(nn.Module):
 # -- the task -------------------------------------------------------------------
 
 @register("flava")
-class FlavaTask(base.Task):
+class FlavaTask(vq_tokenizer.VisualTokenizerMixin, base.Task):
   example_unit = "examples"
   # The pair kind's contrastive loss couples the batch.
   supports_grad_accumulation = False
@@ -277,12 +278,7 @@ class FlavaTask(base.Task):
           f"the text tokenizer has {tok.vocab_size} pieces and [MASK] id "
           f"{self.mask_id}, but model.flava.text.vocab_size is "
           f"{fc.text.vocab_size}; set it to at least {self.mask_id + 1}")
-    vq, g = self.visual_tokenizer, fc.image.grid
-    if vq.grid != g:
-      raise ValueError(
-          f"the visual tokenizer ({cfg.tokenizer.path}) gives a {vq.grid}x"
-          f"{vq.grid} code grid but the image encoder has {g}x{g} patches; "
-          "MIM needs one code per patch")
+    self.check_visual_grid(fc.image.grid, "the image encoder")
 
   # -- pieces ---------------------------------------------------------------
 
@@ -293,20 +289,6 @@ class FlavaTask(base.Task):
   @property
   def dtype(self):
     return two_tower.DTYPES[self.config.model.dtype]
-
-  @property
-  def visual_tokenizer(self):
-    """The frozen image tokenizer (a `vqkd` workdir, as BEiT-3's MDM)."""
-    if self._vq is None:
-      t = self.config.tokenizer
-      if not t.path:
-        raise ValueError("no visual tokenizer: set tokenizer.path to a "
-                         "`vqkd` training workdir (configs/vqkd.py)")
-      self._vq = beit3_mdm.load_visual_tokenizer(t.path, t.get("step", -1),
-                                                 self.dtype)
-      spec = self.preprocess_spec()
-      self._vq.set_input_stats(spec["mean"], spec["std"])
-    return self._vq
 
   @property
   def text_tokenizer(self) -> tok_lib.TextTokenizer:
@@ -377,15 +359,6 @@ class FlavaTask(base.Task):
         ids, jnp.ones((1, d.max_len), bool),
         method=FlavaPretraining.init_all)["params"]
 
-  def frozen_spec(self):
-    return self.visual_tokenizer.spec()
-
-  def load_frozen(self, shardings):
-    return self.visual_tokenizer.load(shardings)
-
-  def frozen_source(self):
-    return "visual tokenizer: " + self.visual_tokenizer.source()
-
   def train_iterators(self, process_index, process_count):
     from florax import export  # pylint: disable=g-import-not-at-top
     from florax.train import run_record  # pylint: disable=g-import-not-at-top
@@ -406,10 +379,6 @@ class FlavaTask(base.Task):
             for k in kinds}
 
   # -- objective --------------------------------------------------------------
-
-  def visual_codes(self, frozen, images):
-    return jax.lax.stop_gradient(
-        self.visual_tokenizer.codes(frozen, images)).astype(jnp.int32)
 
   def loss(self, params, batch, rng, ctx):
     model, f = self.model, self.config.flava

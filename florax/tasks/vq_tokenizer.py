@@ -152,6 +152,57 @@ class FrozenVQTokenizer:
     return jax.lax.stop_gradient(indices.reshape(indices.shape[0], -1))
 
 
+def load_visual_tokenizer(path: str, step: int, dtype):
+  """The frozen VQ-KD tokenizer of a `vqkd` workdir (a module function so
+  tests can substitute one)."""
+  return FrozenVQTokenizer(path, step, dtype)
+
+
+class VisualTokenizerMixin:
+  """A task's frozen visual tokenizer (BEiT-3's MIM, FLAVA's MIM and MMM
+  targets): `config.tokenizer.path` (a `vqkd` workdir) at
+  `config.tokenizer.step`, fed the task's image normalisation
+  (`preprocess_spec()`), as the task's frozen variables. The task sets
+  `self._vq = None` and has `dtype`."""
+
+  @property
+  def visual_tokenizer(self):
+    if self._vq is None:
+      t = self.config.tokenizer
+      if not t.path:
+        raise ValueError("no visual tokenizer: set tokenizer.path to a "
+                         "`vqkd` training workdir (configs/vqkd.py)")
+      self._vq = load_visual_tokenizer(t.path, t.get("step", -1), self.dtype)
+      spec = self.preprocess_spec()
+      self._vq.set_input_stats(spec["mean"], spec["std"])
+    return self._vq
+
+  def check_visual_grid(self, grid: int, what: str):
+    """Refuses a tokenizer whose code grid is not the model's patch grid."""
+    vq = self.visual_tokenizer
+    if vq.grid != grid:
+      raise ValueError(
+          f"the visual tokenizer ({self.config.tokenizer.path}) gives a "
+          f"{vq.grid}x{vq.grid} code grid but {what} has {grid}x{grid} "
+          "patches; masked image modeling needs one code per patch")
+    if vq.num_codes < 2:
+      raise ValueError(f"the visual tokenizer has {vq.num_codes} codes")
+
+  def visual_codes(self, frozen, images):
+    """The tokenizer's code of every patch, (B, grid * grid) int32."""
+    return jax.lax.stop_gradient(
+        self.visual_tokenizer.codes(frozen, images)).astype(jnp.int32)
+
+  def frozen_spec(self):
+    return self.visual_tokenizer.spec()
+
+  def load_frozen(self, shardings):
+    return self.visual_tokenizer.load(shardings)
+
+  def frozen_source(self):
+    return "visual tokenizer: " + self.visual_tokenizer.source()
+
+
 def is_tokenizer_run(path: str) -> bool:
   """Whether `path` holds the config of a vqkd run."""
   try:
