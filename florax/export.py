@@ -112,13 +112,29 @@ def encoders(model) -> tuple[Callable, Callable]:
   return encode_image, encode_text
 
 
-def _flat_fn(fn):
-  """fn(nested fp32 params, x) -> fn(flat params in any float dtype, x)."""
-  def wrapped(flat, x):
+def export_flat(fn, flat_abstract: Mapping[str, Any], inputs: Sequence[Any],
+                platforms: Sequence[str]) -> tuple[bytes, list[str]]:
+  """`jax.export` of fn(nested fp32 params, *inputs) as a function of the
+  stored flat params (any float dtype, widened here) and `inputs`
+  (ShapeDtypeStructs, symbolic batch allowed). If lowering for every
+  platform fails (a kernel that exists for one backend only), the default
+  backend alone. Returns (serialized bytes, the platforms used)."""
+  flat_abstract = {k: jax.ShapeDtypeStruct(v.shape, v.dtype)
+                   for k, v in flat_abstract.items()}
+
+  def flat_fn(flat, *xs):
     params = unflatten_params({k: v.astype(jnp.float32)
                                for k, v in flat.items()})
-    return fn(params, x)
-  return wrapped
+    return fn(params, *xs)
+
+  def run(plats):
+    exported = jax.export.export(jax.jit(flat_fn), platforms=tuple(plats))(
+        flat_abstract, *inputs)
+    return bytes(exported.serialize())
+  try:
+    return run(platforms), list(platforms)
+  except Exception:  # pylint: disable=broad-except
+    return run((jax.default_backend(),)), [jax.default_backend()]
 
 
 def serialize_encoders(model, flat_abstract: Mapping[str, Any],
@@ -132,37 +148,24 @@ def serialize_encoders(model, flat_abstract: Mapping[str, Any],
     flat_abstract: {flat name: ShapeDtypeStruct} of the stored params.
     image_size, max_len: input shapes besides the batch (max_len None: an
       image-only model).
-    platforms: lowering platforms; if lowering for all of them fails (e.g. a
-      kernel that exists for one backend only), the default backend alone.
+    platforms: lowering platforms (`export_flat`).
 
   Returns:
-    (image bytes, text bytes or None, the platforms used).
+    (image bytes, text bytes or None, the platforms both were lowered for).
   """
   encode_image, encode_text = encoders(model)
   batch, = jax.export.symbolic_shape("batch")
-  images = jax.ShapeDtypeStruct((batch, image_size, image_size, 3),
-                                jnp.float32)
-  flat_abstract = {k: jax.ShapeDtypeStruct(v.shape, v.dtype)
-                   for k, v in flat_abstract.items()}
-  towers = [(encode_image, images)]
+  img, used = export_flat(
+      encode_image, flat_abstract,
+      [jax.ShapeDtypeStruct((batch, image_size, image_size, 3), jnp.float32)],
+      platforms)
+  txt = None
   if max_len is not None:
-    towers.append((encode_text,
-                   jax.ShapeDtypeStruct((batch, max_len), jnp.int32)))
-
-  def run(plats):
-    out = []
-    for fn, x in towers:
-      exported = jax.export.export(jax.jit(_flat_fn(fn)),
-                                   platforms=tuple(plats))(flat_abstract, x)
-      out.append(bytes(exported.serialize()))
-    return out + [None] * (2 - len(out))
-
-  try:
-    img, txt = run(platforms)
-  except Exception:  # pylint: disable=broad-except
-    platforms = (jax.default_backend(),)
-    img, txt = run(platforms)
-  return img, txt, list(platforms)
+    txt, plats = export_flat(
+        encode_text, flat_abstract,
+        [jax.ShapeDtypeStruct((batch, max_len), jnp.int32)], platforms)
+    used = [p for p in used if p in plats]
+  return img, txt, used
 
 
 # -- writing ------------------------------------------------------------------

@@ -243,6 +243,23 @@ def bucket_size(n: int, max_batch: int) -> int:
   return min(1 << max(0, (n - 1).bit_length()), max_batch)
 
 
+def run_in_buckets(fn, params, xs: Sequence[np.ndarray], max_batch: int,
+                   device) -> np.ndarray:
+  """fn(params, *chunks) over inputs of equal length, `max_batch` rows at
+  a time, each chunk zero-padded to its bucket (one compile per bucket)."""
+  outs = []
+  for start in range(0, xs[0].shape[0], max_batch):
+    chunks = [x[start:start + max_batch] for x in xs]
+    n = chunks[0].shape[0]
+    pad = bucket_size(n, max_batch) - n
+    if pad:
+      chunks = [np.concatenate([c, np.zeros((pad,) + c.shape[1:], c.dtype)])
+                for c in chunks]
+    out = fn(params, *[jax.device_put(c, device) for c in chunks])
+    outs.append(np.asarray(out)[:n])
+  return np.concatenate(outs)
+
+
 # -- the model ----------------------------------------------------------------
 
 class Model:
@@ -276,17 +293,7 @@ class Model:
     return jax.jit(counted)
 
   def _run(self, fn, x: np.ndarray) -> np.ndarray:
-    outs = []
-    for start in range(0, x.shape[0], self.max_batch):
-      chunk = x[start:start + self.max_batch]
-      n = chunk.shape[0]
-      pad = bucket_size(n, self.max_batch) - n
-      if pad:
-        chunk = np.concatenate([chunk, np.zeros((pad,) + chunk.shape[1:],
-                                                chunk.dtype)])
-      out = fn(self._params, jax.device_put(chunk, self.device))
-      outs.append(np.asarray(out)[:n])
-    return np.concatenate(outs)
+    return run_in_buckets(fn, self._params, [x], self.max_batch, self.device)
 
   def preprocess(self, images) -> np.ndarray:
     """The run's own eval transform (recorded in the manifest): what the

@@ -108,27 +108,13 @@ def _file(name: str) -> str:
 
 def serialize(function: Function, flat_abstract: Mapping[str, Any],
               platforms: Sequence[str]) -> tuple[bytes, list[str]]:
-  """`jax.export` of (flat params in any float dtype, *inputs) with a
-  symbolic batch dimension; for the default backend alone if lowering for
-  every platform fails (a kernel that exists for one backend only)."""
+  """`jax.export` of the function with a symbolic batch dimension
+  (export.export_flat)."""
   batch, = jax.export.symbolic_shape("batch")
   inputs = [jax.ShapeDtypeStruct((batch,) + tuple(i.shape),
                                  jnp.dtype(i.dtype))
             for i in function.inputs]
-
-  def flat_fn(flat, *xs):
-    params = export.unflatten_params({k: v.astype(jnp.float32)
-                                      for k, v in flat.items()})
-    return function.fn(params, *xs)
-
-  def run(plats):
-    exported = jax.export.export(jax.jit(flat_fn), platforms=tuple(plats))(
-        dict(flat_abstract), *inputs)
-    return bytes(exported.serialize())
-  try:
-    return run(platforms), list(platforms)
-  except Exception:  # pylint: disable=broad-except
-    return run((jax.default_backend(),)), [jax.default_backend()]
+  return export.export_flat(function.fn, flat_abstract, inputs, platforms)
 
 
 def write(out_dir: str, config, params: Mapping[str, Any], tokenizer,
@@ -249,18 +235,8 @@ class ServedModel:
       raise ValueError(f"{name}: inputs of different lengths "
                        f"{[x.shape[0] for x in xs]}")
     from florax import inference  # pylint: disable=g-import-not-at-top
-    outs = []
-    for start in range(0, n, self.max_batch):
-      chunk = [x[start:start + self.max_batch] for x in xs]
-      k = chunk[0].shape[0]
-      pad = inference.bucket_size(k, self.max_batch) - k
-      if pad:
-        chunk = [np.concatenate([c, np.zeros((pad,) + c.shape[1:], c.dtype)])
-                 for c in chunk]
-      out = self._fns[name](self._params,
-                            *[jax.device_put(c, self.device) for c in chunk])
-      outs.append(np.asarray(out)[:k])
-    return np.concatenate(outs)
+    return inference.run_in_buckets(self._fns[name], self._params, xs,
+                                    self.max_batch, self.device)
 
   def run(self, name: str, **inputs):
     """`call`, its output decoded: 'labels' -> the argmax label of each

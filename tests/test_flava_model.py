@@ -54,33 +54,8 @@ def run_florax():
     config, params, _ = hf_flava.convert_state_dict(state, arch)
     cfg = flava.from_dict(config["flava"])
     if cfg not in cache:
-      model = flava.Flava(cfg)
-
-      def apply(p, images, ids, valid, types, patch_mask):
-        # One pass over the batch twice, the second copy's patches masked:
-        # one image encoder in the program, not two (compile time).
-        v = {"params": p}
-        b = images.shape[0]
-        twice = lambda a: jnp.concatenate([a, a])
-        out, _ = model.apply(
-            v, twice(images), twice(ids), twice(valid), twice(types),
-            jnp.concatenate([jnp.zeros_like(patch_mask), patch_mask]))
-        got = {k: a[:b] if a.ndim else a for k, a in out.items()}
-        got["image_tokens_masked"] = out["image_tokens"][b:]
-        got["image_features"] = model.apply(
-            v, got["image_tokens"], method=flava.Flava.project_image)
-        got["text_features"] = model.apply(
-            v, got["text_tokens"], method=flava.Flava.project_text)
-        got["contrastive_logits"] = (got["logit_scale"] *
-                                     got["image_embedding"]
-                                     @ got["text_embedding"].T)
-        return got
-      cache[cfg] = jax.jit(apply)
-    got = cache[cfg](unflatten_params(params), jnp.asarray(x["images"]),
-                     jnp.asarray(x["ids"], jnp.int32),
-                     jnp.asarray(x["valid"]).astype(bool),
-                     jnp.asarray(x["token_types"], jnp.int32),
-                     jnp.asarray(x["patch_mask"]))
+      cache[cfg] = ref.florax_outputs_fn(cfg)
+    got = cache[cfg](unflatten_params(params), *ref.run_inputs(x))
     return {k: np.asarray(got[k]) for k in ref.OUTPUTS}
 
   return run

@@ -99,31 +99,10 @@ def _load_dir(path):
 
 
 def _flava_outputs(cfg, params, x):
-  """The fixture's outputs from florax's Flava (as test_flava_model: one
-  pass over the batch twice, the second copy's patches masked)."""
-  model = flava.Flava(cfg)
-
-  def apply(p, images, ids, valid, types, patch_mask):
-    v = {"params": p}
-    b = images.shape[0]
-    twice = lambda a: jnp.concatenate([a, a])
-    out, _ = model.apply(
-        v, twice(images), twice(ids), twice(valid), twice(types),
-        jnp.concatenate([jnp.zeros_like(patch_mask), patch_mask]))
-    got = {k: a[:b] if a.ndim else a for k, a in out.items()}
-    got["image_tokens_masked"] = out["image_tokens"][b:]
-    got["image_features"] = model.apply(
-        v, got["image_tokens"], method=flava.Flava.project_image)
-    got["text_features"] = model.apply(
-        v, got["text_tokens"], method=flava.Flava.project_text)
-    got["contrastive_logits"] = (got["logit_scale"] * got["image_embedding"]
-                                 @ got["text_embedding"].T)
-    return got
-  got = jax.jit(apply)(
+  """The fixture's outputs from florax's Flava (test_flava_model's way)."""
+  got = ref.florax_outputs_fn(cfg)(
       unflatten_params({k: jnp.asarray(v) for k, v in params.items()}),
-      jnp.asarray(x["images"]), jnp.asarray(x["ids"], jnp.int32),
-      jnp.asarray(x["valid"]).astype(bool),
-      jnp.asarray(x["token_types"], jnp.int32), jnp.asarray(x["patch_mask"]))
+      *ref.run_inputs(x))
   return {k: np.asarray(got[k]) for k in ref.OUTPUTS}
 
 

@@ -22,6 +22,9 @@ class MeshMap:
     fn: (params, batch) -> array; jitted here with a replicated output.
     batch_sharding: the sharding of a batch's leading dimension.
     batch_size: rows per call, rounded up to a multiple of the shards.
+
+  x is one host array or a pytree (a dict) of host arrays of the same
+  length, cut into batches together (a fusion model's images and texts).
   """
 
   def __init__(self, fn: Callable, batch_sharding: NamedSharding,
@@ -32,15 +35,22 @@ class MeshMap:
     self.sharding = batch_sharding
     self.fn = jax.jit(fn, out_shardings=NamedSharding(mesh, P()))
 
-  def __call__(self, params, x: np.ndarray) -> np.ndarray:
-    bs, n = self.batch_size, len(x)
+  def _batch(self, chunk: np.ndarray) -> jax.Array:
+    bs = self.batch_size
+    if len(chunk) < bs:  # zero rows: one compiled shape for every chunk
+      chunk = np.concatenate([chunk, np.zeros((bs - len(chunk),)
+                                              + chunk.shape[1:], chunk.dtype)])
+    return jax.make_array_from_callback(chunk.shape, self.sharding,
+                                        lambda idx, c=chunk: c[idx])
+
+  def __call__(self, params, x) -> np.ndarray:
+    bs = self.batch_size
+    lengths = {len(a) for a in jax.tree.leaves(x)}
+    if len(lengths) != 1:
+      raise ValueError(f"MeshMap inputs of different lengths {sorted(lengths)}")
+    n, = lengths
     out = []
     for start in range(0, n, bs):
-      chunk = x[start:start + bs]
-      if len(chunk) < bs:  # zero rows: one compiled shape for every chunk
-        chunk = np.concatenate([chunk, np.zeros((bs - len(chunk),)
-                                                + chunk.shape[1:], chunk.dtype)])
-      batch = jax.make_array_from_callback(chunk.shape, self.sharding,
-                                           lambda idx, c=chunk: c[idx])
+      batch = jax.tree.map(lambda a: self._batch(a[start:start + bs]), x)
       out.append(np.asarray(self.fn(params, batch))[:n - start])
     return np.concatenate(out) if out else np.zeros((0,))

@@ -80,25 +80,13 @@ INIT_LOGIT_SCALE = 2.6592
 LOGIT_SCALE_RANGE = (0.0, 4.6052)
 
 
-def _encoder(cfg) -> transformer.EncoderConfig:
-  """The shared library's config of a text or multimodal encoder."""
-  return transformer.EncoderConfig(
-      width=cfg.width, depth=cfg.depth, num_heads=cfg.num_heads,
-      mlp_dim=cfg.mlp_dim, qkv_bias=cfg.qkv_bias, act=cfg.act,
-      norm_eps=cfg.norm_eps, dropout=cfg.dropout,
-      drop_path_rate=cfg.drop_path_rate, remat=cfg.remat, scan=cfg.scan,
-      attention_impl=cfg.attention_impl)
-
-
 @dataclasses.dataclass(frozen=True)
-class FlavaTextConfig:
-  vocab_size: int = 30522
+class _EncoderFields:
+  """The pre-LN block stack a text or multimodal encoder configures."""
   width: int = 768
   depth: int = 12
   num_heads: int = 12
   mlp_dim: int = 3072
-  max_len: int = 512
-  type_vocab_size: int = 2
   norm_eps: float = 1e-12
   act: str = "gelu"
   qkv_bias: str = "full"
@@ -109,28 +97,27 @@ class FlavaTextConfig:
   attention_impl: str = "xla"
 
   def encoder(self) -> transformer.EncoderConfig:
-    return _encoder(self)
+    """The shared library's config of the encoder's blocks."""
+    return transformer.EncoderConfig(
+        width=self.width, depth=self.depth, num_heads=self.num_heads,
+        mlp_dim=self.mlp_dim, qkv_bias=self.qkv_bias, act=self.act,
+        norm_eps=self.norm_eps, dropout=self.dropout,
+        drop_path_rate=self.drop_path_rate, remat=self.remat, scan=self.scan,
+        attention_impl=self.attention_impl)
 
 
 @dataclasses.dataclass(frozen=True)
-class FlavaMultimodalConfig:
-  width: int = 768
+class FlavaTextConfig(_EncoderFields):
+  vocab_size: int = 30522
+  max_len: int = 512
+  type_vocab_size: int = 2
+
+
+@dataclasses.dataclass(frozen=True)
+class FlavaMultimodalConfig(_EncoderFields):
   depth: int = 6
-  num_heads: int = 12
-  mlp_dim: int = 3072
-  norm_eps: float = 1e-12
-  act: str = "gelu"
-  qkv_bias: str = "full"
   # [CLS_M] (HF's use_cls_token).
   class_token: bool = True
-  dropout: float = 0.0
-  drop_path_rate: float = 0.0
-  remat: str = "none"
-  scan: bool = False
-  attention_impl: str = "xla"
-
-  def encoder(self) -> transformer.EncoderConfig:
-    return _encoder(self)
 
 
 # ViT-B/16 as HF's FlavaImageConfig: LayerNorm eps 1e-12, class-token pooling.

@@ -1,7 +1,8 @@
-"""What BEiT-3's fine-tuned uses share (florax/tasks/beit3_caption.py,
-beit3_retrieval.py, beit3_vqa.py): the backbone config, the pretrained
-run's text tokenizer (ids must mean what they meant in pre-training), and
-the data/model/tokenizer checks, each naming the config key at fault."""
+"""What BEiT-3's tasks share (florax/tasks/beit3_caption.py,
+beit3_retrieval.py, beit3_vqa.py, beit3_mdm.py; FLAVA's task reads its text
+tokenizer the same way): the backbone config, the text tokenizer (a
+pretrained run's ids must mean what they meant in pre-training), and the
+data/model/tokenizer checks, each naming the config key at fault."""
 
 from __future__ import annotations
 
@@ -94,5 +95,5 @@ def record_tokenizer(task):
   task.text_tokenizer  # trains it into the workdir if needed
   run_record.record_or_check(
       task.workdir, "tokenizer.json", {"sha256": export.sha256_file(path)},
-      "text tokenizer", "Fine-tune with the tokenizer this workdir was "
-      "trained with (data.text_tokenizer_path), or use a new --workdir.")
+      "text tokenizer", "Train with the tokenizer this workdir was trained "
+      "with (data.text_tokenizer_path), or use a new --workdir.")

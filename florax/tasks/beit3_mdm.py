@@ -47,10 +47,8 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from florax import export
 from florax.data import beit3_digits
 from florax.data import beit3_records
-from florax.data import digits
 from florax.data import preprocess
 from florax.data import tokenizer as tok_lib
 from florax.models import flops as flops_lib
@@ -58,9 +56,9 @@ from florax.models import layers, multiway, two_tower
 from florax.models import vqkd as vqkd_lib
 from florax.parallel import sharding as sharding_lib
 from florax.tasks import base
+from florax.tasks import beit3_common as common
 from florax.tasks import vq_tokenizer
 from florax.tasks.registry import register
-from florax.train import run_record
 
 # digits: the embedded demo (florax.data.beit3_digits); the others read
 # data.records (florax.data.beit3_records; data.text_corpus for the texts).
@@ -142,10 +140,6 @@ class MDMModel(nn.Module):
     return out
 
 
-def _is_int(v) -> bool:
-  return isinstance(v, int) and not isinstance(v, bool)
-
-
 # -- the task -------------------------------------------------------------------
 
 @register("beit3_mdm")
@@ -175,7 +169,7 @@ class BEiT3MDMTask(vq_tokenizer.VisualTokenizerMixin, base.Task):
     if d.image_size != mw.image_size:
       raise ValueError(f"data.image_size {d.image_size} differs from "
                        f"model.multiway.image_size {mw.image_size}")
-    if not _is_int(d.max_len) or not 3 <= d.max_len <= mw.max_text_len:
+    if not common.is_int(d.max_len) or not 3 <= d.max_len <= mw.max_text_len:
       raise ValueError(f"data.max_len must be an integer in [3, model."
                        f"multiway.max_text_len={mw.max_text_len}], got "
                        f"{d.max_len!r}")
@@ -205,7 +199,7 @@ class BEiT3MDMTask(vq_tokenizer.VisualTokenizerMixin, base.Task):
       raise ValueError(f"data.composition must name {list(beit3_digits.PARTS)}"
                        f", got {sorted(comp)}")
     for p in beit3_digits.PARTS:
-      if not _is_int(comp[p]) or comp[p] < 1:
+      if not common.is_int(comp[p]) or comp[p] < 1:
         raise ValueError(f"data.composition.{p} must be a positive integer, "
                          f"got {comp[p]!r}")
     total = sum(comp[p] for p in beit3_digits.PARTS)
@@ -270,7 +264,7 @@ class BEiT3MDMTask(vq_tokenizer.VisualTokenizerMixin, base.Task):
     if not 0 < m.mvlm_text_prob < 1:
       raise ValueError(f"mdm.mvlm_text_prob must be in (0, 1), got "
                        f"{m.mvlm_text_prob!r}")
-    if not _is_int(m.min_block) or m.min_block < 1:
+    if not common.is_int(m.min_block) or m.min_block < 1:
       raise ValueError(f"mdm.min_block must be a positive integer, got "
                        f"{m.min_block!r}")
     g = self.backbone.grid
@@ -308,29 +302,17 @@ class BEiT3MDMTask(vq_tokenizer.VisualTokenizerMixin, base.Task):
   def text_tokenizer(self) -> tok_lib.TextTokenizer:
     """data.text_tokenizer_path (BEiT-3's SentencePiece 64k, beit3.spm with
     data.text_tokenizer_kind='sentencepiece_fairseq', or a florax
-    tokenizer.model), else a SentencePiece
-    trained on the digits descriptions, cached in the workdir."""
+    tokenizer.model), else a SentencePiece trained on the digits
+    descriptions, cached in the workdir (beit3_common.load_text_tokenizer)."""
     if self._text_tok is None:
-      path = self.config.data.text_tokenizer_path
-      if path:
-        self._text_tok = tok_lib.from_file(
-            path, kind=self.config.data.text_tokenizer_kind or None)
-      else:
-        self._text_tok = tok_lib.load_or_train_tokenizer(
-            self._text_tokenizer_file(), digits.all_descriptions(),
-            self.config.data.text_tokenizer_vocab_size)
+      self._text_tok = common.load_text_tokenizer(self.config, self.workdir)
     return self._text_tok
-
-  def _text_tokenizer_file(self):
-    return (self.config.data.text_tokenizer_path
-            or os.path.join(self.workdir, "tokenizer.model"))
 
   @property
   def mask_id(self) -> int:
     """[MASK]: the tokenizer's own (BEiT-3's <mask>), else one id past its
     vocabulary (an extra embedding row)."""
-    tok = self.text_tokenizer
-    return int(getattr(tok, "mask_id", tok.vocab_size))
+    return common.mask_id_of(self.text_tokenizer)
 
   @property
   def model(self) -> MDMModel:
@@ -393,18 +375,8 @@ class BEiT3MDMTask(vq_tokenizer.VisualTokenizerMixin, base.Task):
 
   # -- data -------------------------------------------------------------------
 
-  def record_text_tokenizer(self):
-    """Records the text tokenizer's checksum; a resume with another is
-    refused (the ids would change meaning)."""
-    path = self._text_tokenizer_file()
-    self.text_tokenizer  # trains it into the workdir if needed
-    run_record.record_or_check(
-        self.workdir, "tokenizer.json", {"sha256": export.sha256_file(path)},
-        "text tokenizer", "Train with the tokenizer this workdir was trained "
-        "with (data.text_tokenizer_path), or use a new --workdir.")
-
   def train_iterators(self, process_index, process_count):
-    self.record_text_tokenizer()
+    common.record_tokenizer(self)  # a resume with another is refused
     if process_index == 0:
       c = self.chance_levels()
       print(f"florax: BEiT-3 MDM, chance accuracy: MLM/MVLM-text "

@@ -57,11 +57,11 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec as P
 
 from florax import serving
 from florax.data import digits_qa
 from florax.data import tokenizer as tok_lib
+from florax.evaluate import mesh_map
 from florax.models import layers, multiway, two_tower
 from florax.parallel import sharding as sharding_lib
 from florax.tasks import base
@@ -266,29 +266,14 @@ class _FusionTask(base.Task):
 
   def _predict(self, params, arrays: dict) -> np.ndarray:
     """The model's logits over host arrays, in fixed-size batches fed over
-    the mesh (as florax.evaluate.mesh_map, for several inputs)."""
-    model = self.model
+    the mesh (florax.evaluate.mesh_map)."""
     if self._eval_fn is None:
-      self._eval_fn = jax.jit(
+      model = self.model
+      self._eval_fn = mesh_map.MeshMap(
           lambda p, b: model.apply({"params": p}, **self._inputs(b)),
-          out_shardings=NamedSharding(self.mesh, P()))
-    sharding = sharding_lib.batch_sharding(self.mesh, self.rules)
-    shards = sharding_lib.batch_size_divisor(self.mesh, self.rules)
-    bs = -(-self.config.get("eval_batch_size", 128) // shards) * shards
-    n = len(next(iter(arrays.values())))
-    out = []
-    for start in range(0, n, bs):
-      batch = {}
-      for k, v in arrays.items():
-        chunk = v[start:start + bs]
-        if len(chunk) < bs:  # one compiled shape for every chunk
-          chunk = np.concatenate(
-              [chunk, np.zeros((bs - len(chunk),) + chunk.shape[1:],
-                               chunk.dtype)])
-        batch[k] = jax.make_array_from_callback(
-            chunk.shape, sharding, lambda idx, c=chunk: c[idx])
-      out.append(np.asarray(self._eval_fn(params, batch))[:n - start])
-    return np.concatenate(out)
+          sharding_lib.batch_sharding(self.mesh, self.rules),
+          self.config.get("eval_batch_size", 128))
+    return self._eval_fn(params, arrays)
 
   def train_iterators(self, process_index, process_count):
     common.record_tokenizer(self)

@@ -72,6 +72,7 @@ from florax.models import flava as flava_lib
 from florax.models import layers, two_tower
 from florax.parallel import sharding as sharding_lib
 from florax.tasks import base
+from florax.tasks import beit3_common as common
 from florax.tasks import beit3_mdm
 from florax.tasks import vq_tokenizer
 from florax.tasks.registry import register
@@ -223,7 +224,6 @@ class FlavaTask(vq_tokenizer.VisualTokenizerMixin, base.Task):
     self._tok = None
     self._maps = {}
     self._holdout = None
-    self._itm_fn = None
 
   # -- config ---------------------------------------------------------------
 
@@ -237,7 +237,7 @@ class FlavaTask(vq_tokenizer.VisualTokenizerMixin, base.Task):
     if cfg.model.dtype not in two_tower.DTYPES:
       raise ValueError(f"model.dtype {cfg.model.dtype!r} is not one of "
                        f"{sorted(two_tower.DTYPES)}")
-    if not beit3_mdm._is_int(d.max_len) or not 3 <= d.max_len <= (  # pylint: disable=protected-access
+    if not common.is_int(d.max_len) or not 3 <= d.max_len <= (
         fc.text.max_len):
       raise ValueError(f"data.max_len must be an integer in [3, model.flava."
                        f"text.max_len={fc.text.max_len}], got {d.max_len!r}")
@@ -246,7 +246,7 @@ class FlavaTask(vq_tokenizer.VisualTokenizerMixin, base.Task):
       raise ValueError(f"data.batch_sizes must name {list(KINDS)}, got "
                        f"{sorted(sizes)}")
     for k in KINDS:
-      if not beit3_mdm._is_int(sizes[k]) or sizes[k] < 2:  # pylint: disable=protected-access
+      if not common.is_int(sizes[k]) or sizes[k] < 2:
         raise ValueError(f"data.batch_sizes.{k} must be an integer >= 2, got "
                          f"{sizes[k]!r}")
     w = f.loss_weights
@@ -292,24 +292,16 @@ class FlavaTask(vq_tokenizer.VisualTokenizerMixin, base.Task):
 
   @property
   def text_tokenizer(self) -> tok_lib.TextTokenizer:
-    """data.text_tokenizer_path, else a SentencePiece of the digits'
-    descriptions cached in the workdir (beit3_mdm's recipe)."""
+    """data.text_tokenizer_path, else init_from.path's tokenizer.model (a
+    unimodal run's: ids keep their meaning), else a SentencePiece of the
+    digits' descriptions cached in the workdir (beit3_common's rule)."""
     if self._tok is None:
-      d = self.config.data
-      if d.text_tokenizer_path:
-        self._tok = tok_lib.from_file(d.text_tokenizer_path,
-                                      kind=d.text_tokenizer_kind or None)
-      else:
-        import os  # pylint: disable=g-import-not-at-top
-        self._tok = tok_lib.load_or_train_tokenizer(
-            os.path.join(self.workdir, "tokenizer.model"),
-            digits.all_descriptions(), d.text_tokenizer_vocab_size)
+      self._tok = common.load_text_tokenizer(self.config, self.workdir)
     return self._tok
 
   @property
   def mask_id(self) -> int:
-    tok = self.text_tokenizer
-    return int(getattr(tok, "mask_id", tok.vocab_size))
+    return common.mask_id_of(self.text_tokenizer)
 
   @property
   def model(self) -> FlavaPretraining:
@@ -360,15 +352,8 @@ class FlavaTask(vq_tokenizer.VisualTokenizerMixin, base.Task):
         method=FlavaPretraining.init_all)["params"]
 
   def train_iterators(self, process_index, process_count):
-    from florax import export  # pylint: disable=g-import-not-at-top
-    from florax.train import run_record  # pylint: disable=g-import-not-at-top
     d = self.config.data
-    self.text_tokenizer  # trains it into the workdir if needed
-    path = d.text_tokenizer_path or f"{self.workdir}/tokenizer.model"
-    run_record.record_or_check(
-        self.workdir, "tokenizer.json", {"sha256": export.sha256_file(path)},
-        "text tokenizer", "Train with the tokenizer this workdir was trained "
-        "with (data.text_tokenizer_path), or use a new --workdir.")
+    common.record_tokenizer(self)  # a resume with another is refused
     kinds = [k for k, w in self.kind_weights().items() if w > 0]
     return {k: iter(flava_digits.kind_dataset(
         k, tokenizer=self.text_tokenizer, settings=self.mask_settings(),
@@ -458,22 +443,13 @@ class FlavaTask(vq_tokenizer.VisualTokenizerMixin, base.Task):
         method=FlavaPretraining.text_embedding))(params, ids)
 
   def itm_logits(self, params, images, ids) -> np.ndarray:
-    """ITM logits of unmasked (image, text) pairs, in fixed-size chunks."""
+    """ITM logits of unmasked (image, text) pairs, fed over the mesh."""
     model, n = self.model, self.flava_config.image.grid ** 2
-    if self._itm_fn is None:
-      self._itm_fn = jax.jit(lambda p, x, t: model.apply(
-          {"params": p}, x, jnp.zeros((x.shape[0], n), bool), t,
-          self._valid(t), method=FlavaPretraining.multimodal)[0])
-    bs = int(self.config.get("eval_batch_size", 128))
-    out = []
-    for start in range(0, len(images), bs):
-      x, t = images[start:start + bs], ids[start:start + bs]
-      k = len(x)
-      if k < bs:
-        x = np.concatenate([x, np.zeros((bs - k,) + x.shape[1:], x.dtype)])
-        t = np.concatenate([t, np.zeros((bs - k,) + t.shape[1:], t.dtype)])
-      out.append(np.asarray(self._itm_fn(params, x, t))[:k])
-    return np.concatenate(out)
+    return self._map("itm", lambda p, b: model.apply(
+        {"params": p}, b["images"], jnp.zeros((b["images"].shape[0], n), bool),
+        b["ids"], self._valid(b["ids"]),
+        method=FlavaPretraining.multimodal)[0])(
+            params, {"images": images, "ids": ids})
 
   def holdout(self):
     """(images, labels, own-class ids, other-class ids): image i's own
