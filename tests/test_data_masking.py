@@ -38,6 +38,39 @@ def test_bert_masking_proportions_over_100k_tokens():
   assert abs(kept / chosen_n - 0.1) < 0.01
 
 
+def test_bert_masking_with_bert_vocabulary_specials():
+  """BERT's layout: [PAD]=0, [UNK]=100, [CLS]=101, [SEP]=102, [MASK]=103
+  among ordinary ids: none is ever chosen, and a random replacement is
+  uniform over the other ids of [0, vocab)."""
+  rng = np.random.default_rng(1)
+  vocab, specials = 300, (0, 100, 101, 102, 103)
+  ordinary = np.setdiff1d(np.arange(vocab), specials)
+  counts = np.zeros(vocab, np.int64)
+  for _ in range(4000):
+    ids = rng.choice(ordinary, size=32)
+    ids[0], ids[20], ids[21:] = 101, 102, 0
+    ids[5] = 100  # an [UNK] inside the text
+    out, chosen = masking.bert_mask(ids, rng, vocab_size=vocab, mask_id=103,
+                                    special_ids=specials, random_prob=0.5,
+                                    mask_prob=0.4)
+    assert not chosen[np.isin(ids, specials)].any()
+    rand = chosen & (out != ids) & (out != 103)
+    np.add.at(counts, out[rand], 1)
+  assert counts[list(specials)].sum() == 0
+  expected = counts.sum() / len(ordinary)
+  # chi-square over the 295 ordinary ids (df 294: mean 294, sd ~24)
+  chi2 = float(np.sum((counts[ordinary] - expected) ** 2 / expected))
+  assert chi2 < 294 + 6 * 24.2, chi2
+
+
+def test_random_tokens_keep_the_sentencepiece_stream():
+  """With the default specials (ids < 4) the draw is numpy's own
+  integers(4, vocab) for the same generator state."""
+  a, b = np.random.default_rng(7), np.random.default_rng(7)
+  np.testing.assert_array_equal(masking.random_tokens(a, 1000, 50),
+                                b.integers(4, 50, size=1000))
+
+
 def test_bert_mask_transform_adds_targets():
   t = masking.BertMasking(vocab_size=50, mask_id=50)
   ids = np.array([2, 10, 11, 12, 13, 14, 15, 3, 0, 0], np.int32)

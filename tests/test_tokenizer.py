@@ -72,6 +72,8 @@ def test_wordpiece_hand_computed_ids(tmp_path):
   assert tok.kind == "wordpiece" and tok.vocab_size == len(_WP_VOCAB)
   assert (tok.pad_id, tok.unk_id, tok.bos_id, tok.eos_id, tok.mask_id) == (
       0, 2, 3, 4, 5)
+  # Never masked nor drawn as a random replacement ([unused0] is a piece).
+  assert tok.special_ids == (0, 2, 3, 4, 5)
   assert tok.pieces(_WP_TEXT) == _WP_PIECES
   # [CLS] pieces [SEP] [PAD]...; a long text is cut and [SEP] still closes.
   np.testing.assert_array_equal(tok.encode(_WP_TEXT, 16),

@@ -53,8 +53,9 @@ MVLM_MODES = ("separate", "joint")
 class MaskSettings:
   """The three masking recipes (BEiT-3 §2.2 defaults)."""
   grid: int                   # patches per image side
-  vocab_size: int             # random replacements come from [4, vocab_size)
-  mask_id: int                # the [MASK] id
+  vocab_size: int             # random replacements: [0, vocab_size) but
+  mask_id: int                # the [MASK] id and
+  special_ids: tuple[int, ...] = masking.DEFAULT_SPECIAL_IDS  # (never chosen)
   mlm_rate: float = 0.15
   mask_prob: float = 0.8
   random_prob: float = 0.1
@@ -75,7 +76,8 @@ class MaskSettings:
   def bert_mask(self, ids, rng, rate):
     """BERT's masking of rate * maskable tokens (stochastically rounded)."""
     ids = np.asarray(ids)
-    maskable = int((ids >= masking.NUM_SPECIAL_IDS).sum())
+    maskable = int(masking.maskable(ids, (*self.special_ids,
+                                          self.mask_id)).sum())
     n = stochastic_round(rate * maskable, rng)
     if n == 0:  # bert_mask would still pick one
       return ids.astype(np.int32), np.zeros(ids.shape, bool)
@@ -83,7 +85,8 @@ class MaskSettings:
     return masking.bert_mask(ids, rng, vocab_size=self.vocab_size,
                              mask_id=self.mask_id, rate=n / maskable,
                              mask_prob=self.mask_prob,
-                             random_prob=self.random_prob)
+                             random_prob=self.random_prob,
+                             special_ids=self.special_ids)
 
 
 def stochastic_round(x: float, rng: np.random.Generator) -> int:

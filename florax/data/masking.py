@@ -1,8 +1,12 @@
 """Masked-modeling corruptions as Grain transforms: BERT text, BEiT block image.
 
 BERT (Devlin et al. 2019, §3.1): 15% of the maskable tokens are chosen; of
-those 80% become [MASK], 10% a random token, 10% stay. Special tokens (pad,
-unk, bos, eos: ids < 4) are never chosen.
+those 80% become [MASK], 10% a random token, 10% stay. Special tokens
+(`special_ids`: a tokenizer's `special_ids` -- pad, bos, eos, [UNK], [MASK];
+florax's SentencePiece default: ids < 4) are never chosen, and a random
+replacement is any id of [0, vocab_size) but a special one (BERT's own
+vocabulary keeps [CLS]=101, [SEP]=102, [MASK]=103 among ordinary pieces, so
+"ids >= 4" would mask [SEP] and draw [MASK] as a "random" token).
 
 BEiT block-wise masking (Bao et al. 2022, Alg. 1): rectangles of random area
 (>= `min_block` patches) and log-uniform aspect are added while they do not
@@ -25,35 +29,62 @@ from florax.data.tokenizer import EOS_ID
 NUM_SPECIAL_IDS = EOS_ID + 1  # pad, unk, bos, eos
 
 
+DEFAULT_SPECIAL_IDS = tuple(range(NUM_SPECIAL_IDS))
+
+
+def maskable(ids, special_ids=DEFAULT_SPECIAL_IDS) -> np.ndarray:
+  """bool, True where ids[i] is text (not one of `special_ids`)."""
+  return ~np.isin(np.asarray(ids), np.asarray(special_ids, np.int64))
+
+
+def random_tokens(rng: np.random.Generator, n: int, vocab_size: int,
+                  special_ids=DEFAULT_SPECIAL_IDS) -> np.ndarray:
+  """n ids uniform over [0, vocab_size) minus `special_ids`, int32.
+
+  One draw over the ordinary ids' count, then stepped over each special id
+  in increasing order (r >= s -> r + 1): with the specials 0..3 this is
+  exactly rng.integers(4, vocab_size), so SentencePiece runs keep their
+  random stream."""
+  specials = sorted({int(s) for s in special_ids if 0 <= int(s) < vocab_size})
+  r = rng.integers(0, vocab_size - len(specials), size=n)
+  for s in specials:
+    r = r + (r >= s)
+  return r.astype(np.int32)
+
+
 def bert_mask(ids: np.ndarray, rng: np.random.Generator, *, vocab_size: int,
               mask_id: int, rate: float = 0.15, mask_prob: float = 0.8,
-              random_prob: float = 0.1) -> tuple[np.ndarray, np.ndarray]:
+              random_prob: float = 0.1, special_ids=DEFAULT_SPECIAL_IDS
+              ) -> tuple[np.ndarray, np.ndarray]:
   """Corrupts one id sequence.
 
   Args:
     ids: int (L,) token ids.
     rng: numpy Generator.
-    vocab_size: random replacements are drawn from [4, vocab_size).
+    vocab_size: random replacements are drawn from [0, vocab_size) minus
+      `special_ids` and `mask_id`.
     mask_id: id of [MASK] (florax default: vocab_size, an extra embedding row).
     rate: fraction of maskable tokens chosen as targets.
     mask_prob, random_prob: split of the chosen tokens; the rest stay.
+    special_ids: ids never chosen nor drawn (a tokenizer's `special_ids`).
 
   Returns:
     (corrupted ids int32 (L,), chosen bool (L,)).
   """
   ids = np.asarray(ids)
-  maskable = np.flatnonzero(ids >= NUM_SPECIAL_IDS)
+  special_ids = (*special_ids, mask_id)
+  positions = np.flatnonzero(maskable(ids, special_ids))
   chosen = np.zeros(ids.shape, bool)
   out = ids.astype(np.int32).copy()
-  if maskable.size == 0:
+  if positions.size == 0:
     return out, chosen
-  n = max(1, int(round(rate * maskable.size)))
-  picked = rng.choice(maskable, size=n, replace=False)
+  n = max(1, int(round(rate * positions.size)))
+  picked = rng.choice(positions, size=n, replace=False)
   chosen[picked] = True
   u = rng.random(n)
   out[picked[u < mask_prob]] = mask_id
   rand = picked[(u >= mask_prob) & (u < mask_prob + random_prob)]
-  out[rand] = rng.integers(NUM_SPECIAL_IDS, vocab_size, size=rand.size)
+  out[rand] = random_tokens(rng, rand.size, vocab_size, special_ids)
   return out, chosen
 
 
@@ -123,6 +154,7 @@ class BertMasking(grain.transforms.RandomMap):
   mask_prob: float = 0.8
   random_prob: float = 0.1
   key: str = "text"
+  special_ids: tuple[int, ...] = DEFAULT_SPECIAL_IDS
 
   def random_map(self, element, rng: np.random.Generator):
     if _passthrough(element):
@@ -133,7 +165,7 @@ class BertMasking(grain.transforms.RandomMap):
     element[self.key], element[f"{self.key}_mask"] = bert_mask(
         ids, rng, vocab_size=self.vocab_size, mask_id=self.mask_id,
         rate=self.rate, mask_prob=self.mask_prob,
-        random_prob=self.random_prob)
+        random_prob=self.random_prob, special_ids=self.special_ids)
     return element
 
 

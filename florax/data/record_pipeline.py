@@ -147,10 +147,13 @@ def example_transforms(cfg, tokenizer: Tokenizer | None) -> list:
   if cfg.text_mask.enabled:
     if text is None:
       raise ValueError("data.text_mask needs data.text")
-    vocab = text.tokenizer.vocab_size
-    mask_id = cfg.text_mask.mask_id if cfg.text_mask.mask_id >= 0 else vocab
+    tok = text.tokenizer
+    vocab = tok.vocab_size
+    mask_id = cfg.text_mask.mask_id if cfg.text_mask.mask_id >= 0 else (
+        getattr(tok, "mask_id", vocab))
     chain.append(masking.BertMasking(vocab_size=vocab, mask_id=mask_id,
-                                     rate=cfg.text_mask.rate))
+                                     rate=cfg.text_mask.rate,
+                                     special_ids=tok.special_ids))
   return chain
 
 

@@ -90,6 +90,17 @@ class TextTokenizer(abc.ABC):
   @abc.abstractmethod
   def eos_id(self) -> int: ...
 
+  @property
+  def special_ids(self) -> tuple[int, ...]:
+    """Ids that are not text (sorted): pad, bos, eos and, where the kind has
+    them, [UNK] and [MASK]. Masked modeling never chooses them and never
+    draws them as a random replacement (florax.data.masking)."""
+    ids = {self.pad_id, self.bos_id, self.eos_id}
+    for name in ("unk_id", "mask_id"):
+      if getattr(self, name, None) is not None:
+        ids.add(int(getattr(self, name)))
+    return tuple(sorted(ids))
+
   @abc.abstractmethod
   def pieces(self, text: str) -> list[int]:
     """The ids of `text` without the bos/eos framing or truncation."""
@@ -164,6 +175,7 @@ class Tokenizer(TextTokenizer):
     return self._sp.get_piece_size()
 
   pad_id = property(lambda self: PAD_ID)
+  unk_id = property(lambda self: UNK_ID)
   bos_id = property(lambda self: BOS_ID)
   eos_id = property(lambda self: EOS_ID)
 
@@ -578,6 +590,7 @@ class FairseqSentencePiece(TextTokenizer):
     return self._sp.get_piece_size() + self.OFFSET
 
   pad_id = property(lambda self: FairseqSentencePiece.PAD)
+  unk_id = property(lambda self: FairseqSentencePiece.UNK)
   bos_id = property(lambda self: FairseqSentencePiece.BOS)
   eos_id = property(lambda self: FairseqSentencePiece.EOS)
 

@@ -76,7 +76,8 @@ def caption_loss(logits, targets, mask, label_smoothing: float = 0.0):
 
 
 def choose_caption_tokens(ids, rng, *, ratio, mask_id, vocab_size,
-                          pad_id, bos_id, mask_prob=0.8, random_prob=0.1):
+                          pad_id, bos_id, mask_prob=0.8, random_prob=0.1,
+                          special_ids=masking.DEFAULT_SPECIAL_IDS):
   """unilm's captioning masking of one caption (L,): round(ratio * n)
   of the n tokens after [BOS] ([EOS] included), clipped to [1, n], chosen
   uniformly; 80% become [MASK], 10% a random piece, 10% stay.
@@ -94,7 +95,8 @@ def choose_caption_tokens(ids, rng, *, ratio, mask_id, vocab_size,
   u = rng.random(k)
   out[pos[u < mask_prob]] = mask_id
   rand = pos[(u >= mask_prob) & (u < mask_prob + random_prob)]
-  out[rand] = rng.integers(masking.NUM_SPECIAL_IDS, vocab_size, len(rand))
+  out[rand] = masking.random_tokens(rng, len(rand), vocab_size,
+                                   (*special_ids, mask_id))
   return out, chosen
 
 
@@ -140,8 +142,8 @@ class MakeCaption(grain.transforms.RandomMap):
     ids = tok.encode(digits.describe(label, template), self.max_len)
     out, chosen = choose_caption_tokens(
         ids, rng, ratio=self.ratio, mask_id=self.mask_id,
-        vocab_size=min(tok.vocab_size, self.mask_id), pad_id=tok.pad_id,
-        bos_id=tok.bos_id)
+        vocab_size=tok.vocab_size, pad_id=tok.pad_id, bos_id=tok.bos_id,
+        special_ids=tok.special_ids)
     return {"images": element["image"], "ids": out, "targets": ids,
             "mask": chosen, "label": np.int32(label)}
 
