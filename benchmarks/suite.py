@@ -196,6 +196,27 @@ def _beit3_base(small, accelerator, tmpdir):
   return _bench_common(c, small, accelerator)
 
 
+def _flava_full(small, accelerator, tmpdir):
+  from configs import flava  # pylint: disable=g-import-not-at-top
+  c = flava.get_config("tiny" if small else "full")
+  with c.unlocked():
+    c.tokenizer.path = _tokenizer_workdir(tmpdir, "tiny" if small else "b16")
+    # The suite times one batch kind: the pair kind only (contrastive on
+    # the unmasked pair, then the masked image + text + multimodal pass
+    # with ITM and MMM: the costliest kind, every encoder and head), at
+    # the suite's batch.
+    c.train.mixture = ml_collections.ConfigDict(
+        dict(image=0.0, text=0.0, pair=1.0))
+    del c.train["batch_size"]
+    c.train.batch_size = 8
+    for kind in ("image", "text", "pair"):
+      c.data.batch_sizes[kind] = c.train.get_ref("batch_size")
+    # A SentencePiece of the digits' texts (no 30k-piece file at hand);
+    # the model keeps FLAVA's 30522-piece vocabulary and MLM/MMM heads.
+    c.data.text_tokenizer_vocab_size = 127
+  return _bench_common(c, small, accelerator)
+
+
 ENTRIES = {e.name: e for e in (
     Entry("clip_vit_b16", "CLIP two-tower: ViT-B/16 + 12x512 text, UniCL "
           "global loss, 224 px", _clip_vit_b16, 256),
@@ -209,6 +230,10 @@ ENTRIES = {e.name: e for e in (
           "MLM + MIM + MVLM, frozen VQ-KD B/16 tokenizer, 224 px, text 64; "
           "batch = images + texts + pairs in thirds (global batch counts "
           "rows: 1 of each)", _beit3_base, 192, small_batch_per_device=6),
+    Entry("flava_full", "FLAVA-full (241M: ViT-B/16 image, 12x768 text, "
+          "6x768 multimodal), the pair kind: global contrastive + ITM + "
+          "MMM (image and text), frozen VQ-KD B/16 tokenizer, 224 px, text "
+          "77", _flava_full, 64),
 )}
 
 

@@ -10,6 +10,15 @@ Presets (`--config configs/flava.py:NAME`):
                 grid at 32 px), by default at runs/vqkd_tiny:
                   python -m launch.train --config configs/flava.py:tiny \
                       --workdir /tmp/flava --config.tokenizer.path=VQKD_DIR
+                tokenizer.path may instead be a FLAVA image codebook import
+                directory (the paper's DALL-E dVAE targets,
+                florax.models.flava_codebook): the directory
+                `python -m launch.import_weights --source hf --arch full
+                --checkpoint FLAVA_PRETRAINING.safetensors --out FLAVA_DIR
+                --codebook_out CODEBOOK_DIR` writes; its code grid (the
+                import's image_size / 8: 14x14 for facebook/flava-full's
+                112 px codebook) must be the image encoder's patch grid,
+                which is `full`'s, not tiny's 4x4.
   tiny_unimodal the paper's first stage on the same data: the image and
                 text kinds only (MIM + MLM); the joint run then starts from
                 it: --config.init_from.path=UNIMODAL_WORKDIR (prefixes
@@ -18,7 +27,11 @@ Presets (`--config configs/flava.py:NAME`):
                 (§4): batch 8192, AdamW, lr 1e-3, 10k warmup, weight decay
                 0.1, FSDP (ZeRO-3), half precision except LayerNorm (bf16
                 here: fp16 with dynamic loss scaling is
-                --config.model.dtype=float16).
+                --config.model.dtype=float16). Its MIM/MMM targets, as the
+                paper's, come from the DALL-E codebook:
+                --config.tokenizer.path=CODEBOOK_DIR (the --codebook_out
+                import above: 112 px input, a 14x14 grid = 224 px / patch
+                16; a `vqkd` workdir with that grid works as well).
 The sampling ratio of the kinds is `train.mixture` (the trainer draws one
 kind per step from it, deterministically given the step).
 """
@@ -30,6 +43,7 @@ import dataclasses
 import ml_collections
 
 from configs import common
+from florax.data import beit3_records
 from florax.models import flava
 
 _PRESETS = {
@@ -57,7 +71,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.model.flava = ml_collections.ConfigDict(dataclasses.asdict(fc))
   c.model.dtype = "float32" if tiny else "bfloat16"
 
-  # The frozen visual tokenizer (MIM and MMM-image targets): a `vqkd` run.
+  # The frozen visual tokenizer (MIM and MMM-image targets): a `vqkd` run's
+  # workdir, or a FLAVA image codebook import directory (launch.
+  # import_weights --source hf ... --codebook_out DIR: the DALL-E dVAE the
+  # paper used; `full` sets it on the command line). step: a vqkd
+  # checkpoint (-1 the latest); an import has none (leave -1).
   c.tokenizer = ml_collections.ConfigDict()
   c.tokenizer.path = "runs/vqkd_tiny" if tiny else ""
   c.tokenizer.step = -1
@@ -85,6 +103,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                                                       pair=n))
   c.data.random_shift = 2 if tiny else 0
   c.data.train_examples = -1
+  # data.name records / captions / tfds: your images, texts and pairs
+  # (florax.data.beit3_records; the text-only kind reads data.text_corpus,
+  # one text per line, else the records' texts).
+  c.data.records = beit3_records.records_config()
+  c.data.text_corpus = ""
   # "" trains a SentencePiece of text_tokenizer_vocab_size on the digits'
   # descriptions (127 pieces; [MASK] is id 127); a file otherwise.
   c.data.text_tokenizer_path = ""

@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import json
 
+import flax.linen as nn
+import jax
 import numpy as np
 import pytest
 from PIL import Image
 
 from florax import tasks
+from florax.tasks import base
 from florax.data import beit3_digits, beit3_records, converters
 from florax.data import tokenizer as tok_lib
 from test_beit3_mdm import fake_vq, tiny_config  # noqa: F401  (fixture)
@@ -188,3 +191,48 @@ def test_part_owned_record_fields_are_refused(data, fake_vq, tmp_path):
     cfg.data.records.image_mask = {"enabled": True}
   with pytest.raises(ValueError, match=r"unknown fields \['image_mask'\]"):
     tasks.build(cfg, str(tmp_path))
+
+
+# -- FLAVA's three kinds on the same records -----------------------------------
+
+def _flava_config(root, tok_file, **kw):
+  from test_flava_task import tiny_config as flava_tiny  # pylint: disable=g-import-not-at-top
+  return flava_tiny(**{
+      "data.name": "records", "data.text_tokenizer_path": tok_file,
+      "data.records.path": str(root / "ds"), "data.records.read_threads": 1,
+      "data.records.train_augment": False, "data.records.color_jitter": 0.0,
+      "data.image_size": 16, "model.flava.image.image_size": 16,
+      "model.flava.image.patch_size": 8, "model.flava.text.vocab_size": 64,
+      "data.max_len": 16, "flava.positives": "instance",
+      "flava.itm_match": "instance", "flava.min_block": 1, **kw})
+
+
+def test_flava_kinds_read_records_with_instance_pairs(data, fake_vq,
+                                                      tmp_path):
+  root, tok, tok_file = data
+  fake_vq["kwargs"] = {"grid": 2, "image_size": 16}
+  task = tasks.build(_flava_config(root, tok_file), str(tmp_path))
+  task.validate()
+  kinds = task.batch_kinds()
+  assert "label" not in kinds["pair"]  # records carry no class
+  its = task.train_iterators(0, 1)
+  for kind, spec in kinds.items():
+    batch = next(its[kind])
+    for k, s in spec.items():
+      assert batch[k].shape == s.shape and batch[k].dtype == s.dtype, (kind,
+                                                                       k)
+  pair = next(its["pair"])
+  for image, targets in zip(pair["images"], pair["targets"]):
+    level = int(round((image.mean() + 1) * 255 / 2 / 10))
+    assert tok.decode(targets) == f"grey level {WORDS[level]}"
+  # The pair kind's losses run on instance pairs (no class in the batch).
+  params = nn.unbox(task.init(jax.random.key(0)))
+  ctx = base.StepContext(step=0, kind="pair",
+                         frozen=task.visual_tokenizer.load(None))
+  loss, metrics = jax.jit(lambda p, b: task.loss(p, b, jax.random.key(1),
+                                                 ctx))(params, pair)
+  assert np.isfinite(float(loss)) and float(metrics["itm_loss"]) > 0
+  assert task.evaluate(None) == {}  # no digits evaluation on records
+  with pytest.raises(ValueError, match="must be 'instance'"):
+    tasks.build(_flava_config(root, tok_file, **{"flava.positives": "class"}),
+                str(tmp_path / "c")).validate()

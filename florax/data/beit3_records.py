@@ -96,9 +96,59 @@ def records_config() -> ml_collections.ConfigDict:
   return cfg
 
 
-def _group(batch: dict, rows: int) -> dict:
+def validate(data) -> None:
+  """Checks a task's `data` for the records path (data.name records /
+  captions / tfds): data.records' fields, its path, the text tokenizer
+  (only the digits demo trains its own) and data.text_corpus. ValueError
+  naming the key."""
+  records = data.get("records")
+  if records is None:
+    raise ValueError(f"data.name={data.name!r} reads data.records (the "
+                     "record pipeline's fields: path, split, augmentation, "
+                     "...)")
+  known = set(records_config())
+  unknown = sorted(set(records) - known)
+  if unknown:
+    raise ValueError(f"data.records has unknown fields {unknown}; known: "
+                     f"{sorted(known)}")
+  if data.name in ("records", "captions") and not records.path:
+    raise ValueError(f"data.name={data.name!r} needs data.records.path")
+  if not data.text_tokenizer_path:
+    raise ValueError(
+        f"data.name={data.name!r}: set data.text_tokenizer_path (the "
+        "pretrained model's: BEiT-3's beit3.spm with data.text_tokenizer_kind"
+        "=sentencepiece_fairseq, FLAVA's BERT vocab.txt with kind wordpiece; "
+        "or a florax SentencePiece from `python -m launch.train_tokenizer`); "
+        "only the digits demo trains its own")
+  corpus = data.get("text_corpus", "")
+  if corpus and not os.path.isfile(corpus):
+    raise ValueError(f"data.text_corpus {corpus!r} does not exist (a UTF-8 "
+                     "file, one text per line; empty: the records' texts)")
+
+
+def with_source(data) -> ml_collections.ConfigDict:
+  """`data.records` with the task-owned field `source` (= data.name)."""
+  rc = ml_collections.ConfigDict(data.records.to_dict())
+  rc.source = data.name
+  return rc
+
+
+def preprocess_spec(data) -> dict:
+  """The eval-time transform of records-trained images (what an export
+  records and a frozen tokenizer un-does): resize + centre crop at
+  crop_fraction, the records' mean/std."""
+  from florax.data import preprocess  # pylint: disable=g-import-not-at-top
+  r = data.records
+  return preprocess.resize_center_crop_spec(
+      data.image_size, round(data.image_size / r.crop_fraction), r.mean, r.std)
+
+
+def _group(batch: dict, rows: int | None) -> dict:
   """beit3_digits.group_rows, leaving the per-example skip flags flat for
-  the accounting iterator (it counts examples by their length)."""
+  the accounting iterator (it counts examples by their length); rows None:
+  the batch as is (FLAVA's one-kind steps)."""
+  if rows is None:
+    return batch
   flags = {k: batch[k] for k in batch if k == bad_records.SKIPPED_KEY}
   return {**beit3_digits.group_rows(
       {k: v for k, v in batch.items() if k not in flags}, rows), **flags}
@@ -127,11 +177,12 @@ def _record_cfg(records: ml_collections.ConfigDict, image_size: int,
 def part_dataset(part: str, *, records: ml_collections.ConfigDict,
                  text_corpus: str, tokenizer: TextTokenizer,
                  settings: beit3_digits.MaskSettings, image_size: int,
-                 max_len: int, batch_size: int, rows: int, seed: int,
+                 max_len: int, batch_size: int, rows: int | None, seed: int,
                  process_index: int = 0, process_count: int = 1,
                  source=None):
   """This process's stream of one part (module docstring), as a
-  SkipAccountingIterator of (rows, batch_size // rows, ...) batches."""
+  SkipAccountingIterator of (rows, batch_size // rows, ...) batches
+  ((batch_size, ...) with rows None: FLAVA's kinds)."""
   cfg = _record_cfg(records, image_size, max_len)
   part_seed = seed + 1000 * (1 + PARTS.index(part))
   if part == "text" and text_corpus:
@@ -157,7 +208,7 @@ def part_dataset(part: str, *, records: ml_collections.ConfigDict,
   ds = ds[process_index::process_count]
   if len(ds) < batch_size:
     raise ValueError(
-        f"BEiT-3 {part} part: process {process_index} of {process_count} "
+        f"the {part} part: process {process_index} of {process_count} "
         f"holds {len(ds)} examples, fewer than its {batch_size} a step")
   ds = ds.shuffle(seed=part_seed).repeat()
   for i, t in enumerate(chain + [_Masked(part, settings)]):

@@ -327,33 +327,37 @@ class Flava(nn.Module):
 
   # -- the encoders -----------------------------------------------------------
 
-  def encode_image(self, images, mask=None, deterministic: bool = True):
+  def encode_image(self, images, mask=None, deterministic: bool = True,
+                   pool: bool = True):
     """images (B, S, S, 3); mask: optional bool (B, grid*grid), True =
     replaced by [MASK] (MIM / MMM). Returns (h_I (B, 1+N, W_I) after the
-    final norm, aux {"pre_norm_tokens", "pooled"})."""
+    final norm, aux {"pre_norm_tokens", "pooled"}); `pool=False` skips the
+    pooler (a classifier on h_CLS,I creates no pooler params)."""
     if mask is None and self.config.image_mask_token:
       grid = self.config.image.grid
       mask = jnp.zeros((images.shape[0], grid * grid), bool)
     _, aux = self.image_encoder(images, deterministic, mask,
                                 pre_norm_tokens=True)
     tokens = aux["tokens"]
-    pooled = jnp.tanh(self.image_pooler(tokens[:, 0]))
-    return tokens, {"pre_norm_tokens": aux["pre_norm_tokens"],
-                    "pooled": pooled}
+    out = {"pre_norm_tokens": aux["pre_norm_tokens"]}
+    if pool:
+      out["pooled"] = jnp.tanh(self.image_pooler(tokens[:, 0]))
+    return tokens, out
 
   def encode_text(self, ids, valid=None, token_types=None,
-                  deterministic: bool = True):
+                  deterministic: bool = True, pool: bool = True):
     """ids (B, L); valid: optional (B, L), False = padding; token_types:
     optional segment ids. Returns (h_T (B, L, W_T), aux {"pre_norm_tokens",
     "pooled"})."""
     _, aux = self.text_encoder(ids, valid, token_types, deterministic)
     tokens = aux["tokens"]
-    pooled = jnp.tanh(self.text_pooler(tokens[:, 0]))
-    return tokens, {"pre_norm_tokens": aux["pre_norm_tokens"],
-                    "pooled": pooled}
+    out = {"pre_norm_tokens": aux["pre_norm_tokens"]}
+    if pool:
+      out["pooled"] = jnp.tanh(self.text_pooler(tokens[:, 0]))
+    return tokens, out
 
   def multimodal(self, image_pre_norm, text_pre_norm, text_valid=None,
-                 deterministic: bool = True):
+                 deterministic: bool = True, pool: bool = True):
     """The multimodal encoder over the unimodal states *before* their final
     norms (aux["pre_norm_tokens"] of encode_image / encode_text). Returns
     (h_M (B, 1 + N_I + L, W_M), aux {"pooled"})."""
@@ -366,6 +370,8 @@ class Flava(nn.Module):
     _, aux = self.multimodal_encoder(jnp.concatenate([image, text], 1), valid,
                                      deterministic)
     tokens = aux["tokens"]
+    if not pool:
+      return tokens, {}
     return tokens, {"pooled": jnp.tanh(self.multimodal_pooler(tokens[:, 0]))}
 
   # -- contrastive --------------------------------------------------------------

@@ -4,9 +4,9 @@ Why closed forms: XLA's cost analysis of a compiled step counts a loop body
 once, so any scanned encoder, gradient accumulation or gradient cache makes
 it a lower bound, and it also counts elementwise work. The trainer's
 TFLOP/s and MFU (and benchmarks/) use these counts instead; `tests/
-test_flops.py` (and tests/test_flops_beit3.py: BEiT-3 MDM, VQ-KD) pins
-them to the op-by-op matmul count of each family's unrolled step
-(`hlo_matmul_flops`).
+test_flops.py` (and tests/test_flops_beit3.py: BEiT-3 MDM, VQ-KD;
+tests/test_flops_flava.py: FLAVA's three kinds) pins them to the op-by-op
+matmul count of each family's unrolled step (`hlo_matmul_flops`).
 
 Conventions (PaLM, Chowdhery et al. 2022, appendix B: "model FLOPs"):
   * Only matmuls and convolutions count, 2 FLOPs per multiply-add:
@@ -50,6 +50,15 @@ API (per example unless it says otherwise):
   vqkd_encoder_forward(VQKDConfig)     VQ-KD's encoder + encode head
   vqkd_decoder_forward(VQKDConfig)     VQ-KD's decoder + decode head
   vq_codes_forward(VQKDConfig)         a frozen tokenizer's codes (forward)
+  flava_image_forward(FlavaConfig)     FLAVA's image encoder (a ViT)
+  flava_text_forward(FlavaConfig, length)        its text encoder
+  flava_multimodal_forward(FlavaConfig, text_len)  the to-mm projections +
+                                       the multimodal encoder
+  flava_masked_head(tokens, width, out)  its MIM/MLM/MMM head
+  flava_codebook_forward(CodebookConfig)  its DALL-E image codebook
+  flava_pretraining_forward(FlavaConfig, kind, text_len, num_codes)  one
+                                       example of a FLAVA batch kind
+                                       (trained network, heads included)
   resize_flops(size_in, size_out, channels)  jax.image.resize's matmuls
   hlo_matmul_flops(lowered or StableHLO text)  the op-by-op count of a
                                        lowered program (the cross-check)
@@ -315,6 +324,108 @@ def resize_flops(size_in: int, size_out: int, channels: int = 3) -> float:
     return 0.0
   return (dense(size_out * size_in * channels, size_in, 1)
           + dense(size_out * size_out * channels, size_in, 1))
+
+
+def flava_codebook_forward(cfg: Any) -> float:
+  """FLAVA's DALL-E image codebook (florax.models.flava_codebook) per image
+  at its input size: the 7x7 input conv, four groups of residual blocks
+  (a 1x1 id_path where the width changes; res_path 3x3 -> w/4, 3x3, 3x3,
+  1x1 -> w) at S, S/2, S/4, S/8 (max-pools between), the 1x1 output conv to
+  the vocabulary. Frozen: forward only."""
+  size, h = cfg.image_size, cfg.hidden
+  total = conv(size, 7, 1, 3, 3, h)
+  width = h
+  for g in range(4):
+    out, q = h * 2 ** g, h * 2 ** g // 4
+    for _ in range(cfg.num_blocks_per_group):
+      if width != out:
+        total += conv(size, 1, 1, 0, width, out)
+      total += (conv(size, 3, 1, 1, width, q) + 2 * conv(size, 3, 1, 1, q, q)
+                + conv(size, 1, 1, 0, q, out))
+      width = out
+    if g < 3:
+      size //= 2
+  return total + conv(size, 1, 1, 0, width, cfg.vocab_size)
+
+
+# -- FLAVA (florax.models.flava, florax.tasks.flava) ---------------------------
+# A FlavaConfig is read by its fields only (no import of the model here).
+# The poolers (dense + tanh on a first token) of the image and text
+# encoders feed nothing the pre-training losses read, so the lowered step
+# drops them (jit's dead-code elimination) and they are not counted; the
+# multimodal pooler feeds ITM and is.
+
+
+def flava_image_forward(cfg: Any) -> Forward:
+  """FLAVA's image encoder per image: the ViT (patch conv on pixels, the
+  input layer; [CLS_I] + patches through the blocks). A MIM / MMM mask
+  swaps masked patch embeddings for [MASK] after the conv (a `where`), so
+  a masked image costs what an unmasked one does."""
+  return vit_forward(cfg.image)
+
+
+def flava_text_forward(cfg: Any, length: int) -> Forward:
+  """FLAVA's text encoder over `length` tokens (BERT embeddings: gathers
+  and a LayerNorm, no matmul; then the blocks)."""
+  return Forward(encoder_forward(cfg.text.encoder(), length))
+
+
+def flava_multimodal_forward(cfg: Any, text_len: int) -> Forward:
+  """FLAVA's multimodal pass per pair: image_to_mm_projection on the 1+N
+  image states, text_to_mm_projection on the `text_len` text states, and
+  the multimodal encoder over [CLS_M] + (1+N) + text_len tokens (poolers
+  and heads apart)."""
+  mm = cfg.multimodal
+  n_image = cfg.image.num_prefix + cfg.image.grid ** 2
+  proj = (dense(n_image, cfg.image.width, mm.width)
+          + dense(text_len, cfg.text.width, mm.width))
+  tokens = int(mm.class_token) + n_image + text_len
+  return Forward(proj + encoder_forward(mm.encoder(), tokens))
+
+
+def flava_masked_head(tokens: float, width: int, out: int) -> float:
+  """FLAVA's MaskedHead (BERT's prediction head) on `tokens` tokens:
+  dense(width, width) -> GELU -> LayerNorm -> dense(width, out). It runs
+  on every token of its span; the loss keeps the masked ones."""
+  return dense(tokens, width, width) + dense(tokens, width, out)
+
+
+def flava_pretraining_forward(cfg: Any, kind: str, text_len: int,
+                              num_codes: int) -> Forward:
+  """One example of a FLAVA pre-training batch kind through the trained
+  network (florax.tasks.flava.FlavaPretraining), forward, heads included:
+
+    image  the image encoder (masked) + the MIM head (width -> codes) on
+           the N patch tokens.
+    text   the text encoder + the MLM head (width -> vocab) on all
+           `text_len` tokens.
+    pair   the contrastive pass (unmasked image and text encoders, the
+           image and text projections of h_CLS to embed_dim) and the
+           masked pass (image and text encoders again, the multimodal
+           pass, its pooler and the ITM head (width -> 2) on h_CLS,M, the
+           MMM image head on the N patch tokens and the MMM text head on
+           the `text_len` text tokens of the multimodal output).
+
+  Not included: the pair's (B, B) contrastive logits (`contrastive_logits`
+  of the global batch) and the frozen tokenizer (`vq_codes_forward`)."""
+  n, length = cfg.image.grid ** 2, text_len
+  wi, wt, wm = cfg.image.width, cfg.text.width, cfg.multimodal.width
+  image = flava_image_forward(cfg)
+  text = flava_text_forward(cfg, length)
+  if kind == "image":
+    return image + Forward(flava_masked_head(n, wi, num_codes))
+  if kind == "text":
+    return text + Forward(flava_masked_head(length, wt,
+                                            cfg.text.vocab_size))
+  if kind == "pair":
+    contrastive = Forward(dense(1, wi, cfg.embed_dim)
+                          + dense(1, wt, cfg.embed_dim))
+    heads = (dense(1, wm, wm) + dense(1, wm, 2)       # pooler, ITM
+             + flava_masked_head(n, wm, num_codes)
+             + flava_masked_head(length, wm, cfg.text.vocab_size))
+    return (2 * (image + text) + contrastive
+            + flava_multimodal_forward(cfg, length) + Forward(heads))
+  raise ValueError(f"unknown FLAVA batch kind {kind!r}: image, text or pair")
 
 
 # -- the op-by-op count of a lowered program ----------------------------------

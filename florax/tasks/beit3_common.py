@@ -7,6 +7,7 @@ data/model/tokenizer checks, each naming the config key at fault."""
 from __future__ import annotations
 
 import os
+import shutil
 
 from florax import export
 from florax.data import digits
@@ -90,9 +91,16 @@ def validate_common(task, needs_mask: bool):
 
 def record_tokenizer(task):
   """A resume with another tokenizer is refused (ids would change
-  meaning)."""
+  meaning). A SentencePiece model read from elsewhere is also copied into
+  the workdir, so a run that starts from this one (init_from) finds it:
+  unimodal -> joint -> fine-tuning chains keep their ids."""
   path = tokenizer_file(task.config, task.workdir)
   task.text_tokenizer  # trains it into the workdir if needed
+  own = os.path.join(task.workdir, "tokenizer.model")
+  if os.path.basename(path) == "tokenizer.model" and not os.path.exists(own):
+    os.makedirs(task.workdir, exist_ok=True)
+    shutil.copyfile(path, own + ".tmp")
+    os.replace(own + ".tmp", own)
   run_record.record_or_check(
       task.workdir, "tokenizer.json", {"sha256": export.sha256_file(path)},
       "text tokenizer", "Train with the tokenizer this workdir was trained "

@@ -39,7 +39,6 @@ init_from.prefixes [["multiway", ...]].
 from __future__ import annotations
 
 import math
-import os
 from typing import Any, Mapping
 
 import flax.linen as nn
@@ -188,7 +187,7 @@ class BEiT3MDMTask(vq_tokenizer.VisualTokenizerMixin, base.Task):
       raise ValueError("beit3_mdm has no evaluators (config.evals must be "
                        "empty): its train metrics report masked accuracy")
     if d.name != "digits":
-      self._validate_records()
+      beit3_records.validate(d)
     self._validate_text_tokenizer()
     self._validate_visual_tokenizer()
 
@@ -217,35 +216,9 @@ class BEiT3MDMTask(vq_tokenizer.VisualTokenizerMixin, base.Task):
           f"{jax.process_count()} processes, so their common divisor {rows} "
           f"must be divisible by {need} and by {jax.process_count()}")
 
-  def _validate_records(self):
-    d = self.config.data
-    records = d.get("records")
-    if records is None:
-      raise ValueError(f"data.name={d.name!r} reads data.records (the record "
-                       "pipeline's fields: path, split, augmentation, ...)")
-    known = set(beit3_records.records_config())
-    unknown = sorted(set(records) - known)
-    if unknown:
-      raise ValueError(f"data.records has unknown fields {unknown}; known: "
-                       f"{sorted(known)}")
-    if d.name in ("records", "captions") and not records.path:
-      raise ValueError(f"data.name={d.name!r} needs data.records.path")
-    if not d.text_tokenizer_path:
-      raise ValueError(
-          f"data.name={d.name!r}: set data.text_tokenizer_path (BEiT-3's "
-          "beit3.spm with data.text_tokenizer_kind=sentencepiece_fairseq, or "
-          "a florax SentencePiece from `python -m launch.train_tokenizer`); "
-          "only the digits demo trains its own")
-    corpus = d.get("text_corpus", "")
-    if corpus and not os.path.isfile(corpus):
-      raise ValueError(f"data.text_corpus {corpus!r} does not exist (a UTF-8 "
-                       "file, one text per line; empty: the records' texts)")
-
   def records_config(self) -> ml_collections.ConfigDict:
     """`data.records` with the task-owned fields (source) filled in."""
-    rc = ml_collections.ConfigDict(self.config.data.records.to_dict())
-    rc.source = self.config.data.name
-    return rc
+    return beit3_records.with_source(self.config.data)
 
   def _validate_masking(self):
     m = self.config.mdm
@@ -324,7 +297,8 @@ class BEiT3MDMTask(vq_tokenizer.VisualTokenizerMixin, base.Task):
     return beit3_digits.MaskSettings(
         grid=self.backbone.grid,
         # random replacements: real pieces only (not [MASK])
-        vocab_size=min(tok.vocab_size, self.mask_id), mask_id=self.mask_id,
+        vocab_size=tok.vocab_size, mask_id=self.mask_id,
+        special_ids=tok.special_ids,
         mlm_rate=m.mlm_rate, mask_prob=m.mask_prob,
         random_prob=m.random_prob, mim_ratio=m.mim_ratio,
         min_block=m.min_block, mvlm_text_rate=m.mvlm_text_rate,
@@ -392,9 +366,7 @@ class BEiT3MDMTask(vq_tokenizer.VisualTokenizerMixin, base.Task):
     d = self.config.data
     if d.name == "digits":
       return preprocess.resize_spec(d.image_size)
-    r = d.records
-    return preprocess.resize_center_crop_spec(
-        d.image_size, round(d.image_size / r.crop_fraction), r.mean, r.std)
+    return beit3_records.preprocess_spec(d)
 
   def train_iterator(self, process_index=0, process_count=1):
     d = self.config.data

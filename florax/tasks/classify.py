@@ -217,6 +217,14 @@ def soft_cross_entropy(logits, targets):
 
 # -- model ---------------------------------------------------------------------
 
+def head_layer(num_classes: int, init_scale: float) -> nn.Module:
+  """The linear head `head`: trunc-normal(0.02) x init_scale (0: zeros)."""
+  init = (nn.initializers.zeros if init_scale == 0 else
+          nn.initializers.truncated_normal(stddev=0.02 * init_scale))
+  return layers.dense(num_classes, ("embed", "classes"), name="head",
+                      kernel_init=init)
+
+
 class Classifier(nn.Module):
   """Image tower -> pooled feature (fp32) -> dropout -> linear head.
 
@@ -229,11 +237,7 @@ class Classifier(nn.Module):
   head_dropout: float = 0.0
 
   def setup(self):
-    scale = self.head_init_scale
-    init = (nn.initializers.zeros if scale == 0 else
-            nn.initializers.truncated_normal(stddev=0.02 * scale))
-    self.head = layers.dense(self.num_classes, ("embed", "classes"),
-                             name="head", kernel_init=init)
+    self.head = head_layer(self.num_classes, self.head_init_scale)
     self.drop = nn.Dropout(self.head_dropout)
 
   def features(self, images, deterministic: bool = True):
@@ -268,6 +272,7 @@ def _number(value, name: str, low: float, high: float | None = None,
 @register("classify")
 class ClassifyTask(base.Task):
   example_unit = "images"
+  tower = TOWER  # the params a linear probe freezes
 
   def __init__(self, config, workdir, mesh, rules):
     super().__init__(config, workdir, mesh, rules)
@@ -288,6 +293,11 @@ class ClassifyTask(base.Task):
                                                         True))
 
   def validate(self):
+    self._validate_data()
+    self._validate_model()
+    self._validate_finetune()
+
+  def _validate_data(self):
     cfg = self.config
     if cfg.data.name != "digits":
       raise ValueError(
@@ -301,6 +311,10 @@ class ClassifyTask(base.Task):
     if cfg.data.get("train_examples", -1) == 0:
       raise ValueError("the digits train split is empty: "
                        "data.train_examples=0")
+
+  def _validate_model(self):
+    cfg = self.config
+    size = cfg.data.image_size
     model = cfg.model
     if model.get("text") is not None:
       raise ValueError("model.text: the classify task trains an image tower "
@@ -320,10 +334,13 @@ class ClassifyTask(base.Task):
     if classes < DIGIT_CLASSES:
       raise ValueError(f"model.num_classes={classes}, but the digits labels "
                        f"are 0..{DIGIT_CLASSES - 1}")
-    _number(model.get("head_init_scale", 0.001), "model.head_init_scale", 0.0)
-    _number(model.get("head_dropout", 0.0), "model.head_dropout", 0.0, 1.0)
     # model.image: arch, and whether the image size fits the tower.
     two_tower.validate_image(model, size)
+
+  def _validate_finetune(self):
+    cfg, model = self.config, self.config.model
+    _number(model.get("head_init_scale", 0.001), "model.head_init_scale", 0.0)
+    _number(model.get("head_dropout", 0.0), "model.head_dropout", 0.0, 1.0)
     ft = cfg.get("finetune") or {}
     _number(ft.get("label_smoothing", 0.1), "finetune.label_smoothing",
             0.0, 1.0)
@@ -345,14 +362,14 @@ class ClassifyTask(base.Task):
                                self.config.optimizer.get("freeze", ()))
     names = export.flatten_params(abstract)
     frozen = export.flatten_params(mask) if mask is not None else {}
-    loose = [n for n in names if n.startswith(TOWER + "/")
+    loose = [n for n in names if n.startswith(self.tower + "/")
              and not frozen.get(n, False)]
     if loose:
       raise ValueError(
           "finetune.train_backbone=False trains the head only, but "
           f"optimizer.freeze leaves {len(loose)} tower params trainable "
           f"(e.g. {loose[0]!r}), which AdamW's weight decay would still "
-          "change: set --config.optimizer.freeze='(\"^image_encoder/\",)' "
+          f"change: set --config.optimizer.freeze='(\"^{self.tower}/\",)' "
           "(the ',probe' presets of configs/finetune.py set both)")
 
   # -- pieces ---------------------------------------------------------------

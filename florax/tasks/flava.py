@@ -45,10 +45,18 @@ heads. Unimodal-then-joint (the paper's recipe): a first run with
 the joint run starts from it with init_from.prefixes [["flava", "flava"]]
 (or per encoder: ["flava/image_encoder", ...]).
 
+Data: the embedded digits (`flava_digits`: images, their descriptions,
+(image, description) pairs with the class), or your own through
+`data.records` (data.name records / captions / tfds: `beit3_records`'s
+per-kind pipelines over the records' images, `data.text_corpus` or the
+records' texts, and the records' (image, text) pairs; bad records skipped
+and counted; no class, so instance positives and matches).
+
 Evaluation (held-out digits): zero-shot top-1 from the contrastive
 embeddings (prompt-ensembled class texts), and ITM accuracy on each held-out
 image paired with a description of its own digit and with one of another
-digit (eval/itm_accuracy, chance 0.5).
+digit (eval/itm_accuracy, chance 0.5). A records run has no evaluator (its
+train metrics report the five objectives' accuracies).
 """
 
 from __future__ import annotations
@@ -61,6 +69,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from florax.data import beit3_digits
+from florax.data import beit3_records
 from florax.data import digits
 from florax.data import flava_digits
 from florax.data import pipeline
@@ -82,7 +91,9 @@ KINDS = flava_digits.KINDS
 TERMS = {"image": ("mim",), "text": ("mlm",),
          "pair": ("contrastive", "itm", "mmm_image", "mmm_text")}
 POSITIVES = ("instance", "class")
-DATA_SOURCES = ("digits",)
+# data.name: the embedded digits, or your own data through data.records
+# (florax.data.beit3_records: images, a text corpus, pairs).
+DATA_SOURCES = ("digits", "records", "captions", "tfds")
 
 
 # -- the objectives (pure) ------------------------------------------------------
@@ -272,6 +283,13 @@ class FlavaTask(vq_tokenizer.VisualTokenizerMixin, base.Task):
     if cfg.get("evals"):
       raise ValueError("flava evaluates on the held-out digits itself "
                        "(config.evals must be empty)")
+    if d.name != "digits":
+      beit3_records.validate(d)
+      if "class" in (f.positives, f.itm_match):
+        raise ValueError(
+            f"data.name={d.name!r}: records carry no class of a pair, so "
+            "flava.positives and flava.itm_match must be 'instance' (each "
+            "image's own text)")
     tok = self.text_tokenizer
     if self.mask_id >= fc.text.vocab_size:
       raise ValueError(
@@ -312,7 +330,8 @@ class FlavaTask(vq_tokenizer.VisualTokenizerMixin, base.Task):
     f, tok = self.config.flava, self.text_tokenizer
     return beit3_digits.MaskSettings(
         grid=self.flava_config.image.grid,
-        vocab_size=min(tok.vocab_size, self.mask_id), mask_id=self.mask_id,
+        vocab_size=tok.vocab_size, mask_id=self.mask_id,
+        special_ids=tok.special_ids,
         mlm_rate=f.mlm_rate, mim_ratio=f.mim_ratio, min_block=f.min_block,
         mvlm_text_rate=f.mmm_text_rate, mvlm_mode="joint")
 
@@ -338,9 +357,10 @@ class FlavaTask(vq_tokenizer.VisualTokenizerMixin, base.Task):
               "mlm_mask": spec(b, length, dtype=jnp.bool_)}
 
     b = d.batch_sizes
-    return {"image": image(b.image), "text": text(b.text),
-            "pair": {**image(b.pair), **text(b.pair),
-                     "label": spec(b.pair)}}
+    pair = {**image(b.pair), **text(b.pair)}
+    if d.name == "digits":  # the class (class-level positives / matches)
+      pair["label"] = spec(b.pair)
+    return {"image": image(b.image), "text": text(b.text), "pair": pair}
 
   def init(self, rng):
     d = self.config.data
@@ -355,6 +375,15 @@ class FlavaTask(vq_tokenizer.VisualTokenizerMixin, base.Task):
     d = self.config.data
     common.record_tokenizer(self)  # a resume with another is refused
     kinds = [k for k, w in self.kind_weights().items() if w > 0]
+    if d.name != "digits":
+      return {k: beit3_records.part_dataset(
+          k, records=beit3_records.with_source(d),
+          text_corpus=d.get("text_corpus", ""),
+          tokenizer=self.text_tokenizer, settings=self.mask_settings(),
+          image_size=d.image_size, max_len=d.max_len,
+          batch_size=d.batch_sizes[k] // process_count, rows=None,
+          seed=self.config.seed, process_index=process_index,
+          process_count=process_count) for k in kinds}
     return {k: iter(flava_digits.kind_dataset(
         k, tokenizer=self.text_tokenizer, settings=self.mask_settings(),
         image_size=d.image_size, max_len=d.max_len,
@@ -399,7 +428,9 @@ class FlavaTask(vq_tokenizer.VisualTokenizerMixin, base.Task):
   def _pair_terms(self, apply, batch, frozen, rng):
     f = self.config.flava
     batch = {k: jnp.asarray(v) for k, v in batch.items()}  # indexed by tracers
-    images, clean, labels = batch["images"], batch["targets"], batch["label"]
+    images, clean = batch["images"], batch["targets"]
+    # Records pairs have no class: instance positives (validate()).
+    labels = batch.get("label", jnp.arange(images.shape[0]))
     image_emb, text_emb, scale = apply(images, clean, self._valid(clean),
                                        method=FlavaPretraining.embeddings)
     loss, m = contrastive_loss(image_emb, text_emb, labels, scale,
@@ -469,6 +500,10 @@ class FlavaTask(vq_tokenizer.VisualTokenizerMixin, base.Task):
     return self._holdout
 
   def evaluate(self, params, frozen=None, step=None):
+    if self.config.data.name != "digits":
+      # The digits' class texts mean nothing to a records run's tokenizer
+      # and normalisation; its train metrics report the five objectives.
+      return {}
     images, labels, own, other = self.holdout()
     tok, d = self.text_tokenizer, self.config.data
     templates = [x.replace("{word}", "{}") for x in digits.TEMPLATES
@@ -485,6 +520,59 @@ class FlavaTask(vq_tokenizer.VisualTokenizerMixin, base.Task):
     return {"eval/zeroshot_top1": top1,
             "eval/itm_accuracy": float(itm.mean())}
 
+  def step_flops(self, kind, global_batch):
+    """Analytic FLOPs of one step of batch kind `kind` over the global batch
+    (florax.models.flops; Task.step_flops's contract).
+
+    Per kind, not per example: each step is one kind (the trainer compiles
+    one program per kind and asks for each kind's count, so a mixture's
+    TFLOP/s and MFU sum the drawn kinds' counts step by step), and the
+    pair kind's cost is not linear in the batch (its B x B contrastive
+    logits), hence this override and no `flops_per_example` (None).
+
+    Trained, forward + backward (3x; the patch conv on pixels 2x), per
+    example (`flops.flava_pretraining_forward`): image = the image encoder
+    + MIM head; text = the text encoder + MLM head (data.max_len tokens);
+    pair = both encoders unmasked + the contrastive projections, both
+    encoders again on the masked inputs + the multimodal pass + pooler,
+    ITM and MMM heads; plus, for a pair step, the (B, B) logits of the
+    whole global batch (`flops.contrastive_logits`). Frozen, forward only:
+    the visual tokenizer's codes of every image of an image or pair step
+    (a VQ-KD run: `flops.vq_codes_forward`; the DALL-E codebook:
+    `flops.flava_codebook_forward`) and the resize of the pixels to its
+    resolution when it differs. None for an unknown kind or another
+    tokenizer (a test's stand-in): its cost is unknown.
+    """
+    from florax.models import flops as flops_lib  # pylint: disable=g-import-not-at-top
+    from florax.models import vqkd as vqkd_lib  # pylint: disable=g-import-not-at-top
+    from florax.models import flava_codebook  # pylint: disable=g-import-not-at-top
+    vq = self.visual_tokenizer
+    vq_cfg = getattr(vq, "model_config", None)
+    if isinstance(vq_cfg, vqkd_lib.VQKDConfig):
+      codes = flops_lib.vq_codes_forward(vq_cfg)
+    elif isinstance(vq_cfg, flava_codebook.CodebookConfig):
+      codes = flops_lib.flava_codebook_forward(vq_cfg)
+    else:
+      codes = None
+    if kind not in KINDS or codes is None:
+      return None
+    fc, d = self.flava_config, self.config.data
+    trained = global_batch * flops_lib.flava_pretraining_forward(
+        fc, kind, d.max_len, vq.num_codes)
+    if kind == "pair":
+      trained += flops_lib.Forward(flops_lib.contrastive_logits(
+          global_batch, fc.embed_dim))
+    frozen = 0.0
+    if kind in ("image", "pair"):  # one tokenizer call on the clean images
+      frozen = global_batch * (
+          codes + flops_lib.resize_flops(d.image_size, vq.image_size))
+    return trained.train() + frozen
+
   def preprocess_spec(self) -> dict:
+    """The images' normalisation (what the frozen tokenizer un-does): the
+    digits' [-1, 1], or the records' mean/std."""
     from florax.data import preprocess  # pylint: disable=g-import-not-at-top
-    return preprocess.resize_spec(self.config.data.image_size)
+    d = self.config.data
+    if d.name == "digits":
+      return preprocess.resize_spec(d.image_size)
+    return beit3_records.preprocess_spec(d)
