@@ -25,9 +25,10 @@ Presets (`--config configs/flava.py:NAME`):
                 [["flava", "flava"]]: both encoders, the rest fresh).
   full          facebook/flava-full's model (241M) with the paper's recipe
                 (§4): batch 8192, AdamW, lr 1e-3, 10k warmup, weight decay
-                0.1, FSDP (ZeRO-3), half precision except LayerNorm (bf16
-                here: fp16 with dynamic loss scaling is
-                --config.model.dtype=float16). Its MIM/MMM targets, as the
+                0.1, FSDP (ZeRO-3), fp16 except LayerNorm (florax's
+                LayerNorm computes in fp32; fp16 turns dynamic loss
+                scaling on: precision.loss_scale 'auto'; bf16 on TPUs:
+                --config.model.dtype=bfloat16). Its MIM/MMM targets, as the
                 paper's, come from the DALL-E codebook:
                 --config.tokenizer.path=CODEBOOK_DIR (the --codebook_out
                 import above: 112 px input, a 14x14 grid = 224 px / patch
@@ -69,7 +70,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   fc = flava.config_for(preset)
   c.model = ml_collections.ConfigDict()
   c.model.flava = ml_collections.ConfigDict(dataclasses.asdict(fc))
-  c.model.dtype = "float32" if tiny else "bfloat16"
+  c.model.dtype = "float32" if tiny else "float16"
 
   # The frozen visual tokenizer (MIM and MMM-image targets): a `vqkd` run's
   # workdir, or a FLAVA image codebook import directory (launch.

@@ -38,7 +38,8 @@ arch (truncated, another architecture, a wrong --arch) stops before anything
 is written, with one line naming the tensors at fault.
 
 --source hf (FLAVA, florax.convert.hf_flava; --arch full, also spelt
-flava-full or facebook/flava-full) imports a Hugging Face FlavaModel or
+flava-full or facebook/flava-full, or the path of any FLAVA model's HF
+config.json or of its directory, e.g. a hub snapshot) imports a Hugging Face FlavaModel or
 FlavaForPreTraining state dict (model.safetensors or pytorch_model.bin)
 onto florax.models.flava the same way (write_import_dir):
 params.safetensors (flat Flava names), a config.json
@@ -73,7 +74,8 @@ _SOURCE = flags.DEFINE_enum(
     "source", None, ["timm", "open_clip", "hf", "torchscale"],
     "where the checkpoint comes from")
 _ARCH = flags.DEFINE_string("arch", None, "the source's model name, e.g. "
-                            "vit_base_patch16_224 or ViT-B-16")
+                            "vit_base_patch16_224 or ViT-B-16 (--source hf: "
+                            "also a FLAVA config.json or its directory)")
 _CHECKPOINT = flags.DEFINE_string(
     "checkpoint", None, ".safetensors or torch pickle (.pt/.pth/.bin)")
 _OUT = flags.DEFINE_string("out", None, "the import (export) directory")

@@ -26,6 +26,7 @@ from configs import flava as cfg_lib
 from florax import tasks
 from florax.data import flava_digits, mixtures
 from florax.tasks import base, beit3_caption, flava
+from florax.train import precision
 from florax.train import trainer as trainer_lib
 from test_beit3_mdm import fake_vq  # noqa: F401  (fixture)
 
@@ -270,3 +271,11 @@ def test_presets_build():
     c = cfg_lib.get_config(name)
     assert c.task == "flava"
   assert dict(cfg_lib.get_config("tiny_unimodal").train.mixture)["pair"] == 0
+  # The paper's recipe (§4): batch 8192, AdamW lr 1e-3, weight decay 0.1,
+  # 10k warmup, FSDP, fp16 (dynamic loss scaling) except LayerNorm.
+  full = cfg_lib.get_config("full")
+  assert set(full.data.batch_sizes.values()) == {8192}
+  assert (full.optimizer.learning_rate, full.optimizer.weight_decay,
+          full.optimizer.warmup_steps) == (1e-3, 0.1, 10_000)
+  assert full.sharding.zero_stage == 3 and full.model.dtype == "float16"
+  assert precision.loss_scaling_enabled(full)

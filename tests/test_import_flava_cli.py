@@ -265,3 +265,37 @@ def test_registry_knows_hf():
   assert not hasattr(convert, "NOT_YET")
   with pytest.raises(ValueError, match="unknown weight source 'hub'"):
     convert.module_for("hub", "full")
+
+
+def test_an_hf_config_json_is_an_arch(fixture, files, tmp_path):
+  """--arch may be a FLAVA config.json (or its directory) as transformers
+  wrote it: any size imports. The recorded test model's config gives the
+  'test' arch and the same params; the full FlavaConfig()'s gives 'full'
+  (241,356,289 params); the codebook's own config gives the 'test'
+  codebook."""
+  from launch import import_weights  # pylint: disable=g-import-not-at-top
+  meta = fixture[3]
+  (tmp_path / "config.json").write_text(json.dumps(meta["hf_config"]))
+  for arch in (str(tmp_path), str(tmp_path / "config.json")):
+    assert hf_flava.arch_fields(arch) == hf_flava.arch_fields("test")
+  full = tmp_path / "full.json"
+  full.write_text(json.dumps(meta["full_size"]["flava_model"]["hf_config"]))
+  assert flava.param_count(hf_flava.arch_config(str(full))) == 241_356_289
+  cb = tmp_path / "codebook.json"
+  cb.write_text(json.dumps(ref.load(ref.CODEBOOK_FIXTURE)[3]["hf_config"]))
+  assert hf_flava.codebook_arch_config(str(cb), 16) == (
+      hf_flava.codebook_arch_config("test"))
+  out = tmp_path / "imported"
+  import_weights.import_hf_flava(str(tmp_path), str(files["model"]), str(out))
+  from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
+  got = load_file(str(out / "params.safetensors"))
+  state = fixture[0]
+  # The converted params hold the HF tensors (e.g. the patch embedding).
+  np.testing.assert_array_equal(
+      got["image_encoder/patch_embed/kernel"],
+      state["image_model.embeddings.patch_embeddings.projection.weight"]
+      .transpose(2, 3, 1, 0))
+  with pytest.raises(ValueError, match="not a FLAVA config"):
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"model_type": "bert"}))
+    hf_flava.arch_fields(str(bad))

@@ -45,6 +45,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
+import os
 import re
 from typing import Any, Iterable, Mapping
 
@@ -100,11 +102,42 @@ ARCHS = {"full": _full_fields, "test": _test_fields}
 _ALIASES = {"facebook/flava-full": "full", "flava-full": "full"}
 
 
+def hf_config_file(arch: str) -> str | None:
+  """`arch` as a Hugging Face config: a config.json file, or a local model
+  directory holding one (e.g. a hub snapshot); None for an arch name."""
+  path = os.path.join(arch, "config.json") if os.path.isdir(arch) else arch
+  return path if path.endswith(".json") and os.path.isfile(path) else None
+
+
+def read_hf_config(arch: str) -> dict | None:
+  """The HF config dict `arch` names (hf_config_file), else None."""
+  file = hf_config_file(arch)
+  if file is None:
+    return None
+  try:
+    with open(file, encoding="utf-8") as f:
+      hf = json.load(f)
+  except ValueError as e:
+    raise ValueError(f"--arch {arch!r}: {file} is not JSON ({e})") from None
+  if not isinstance(hf, dict) or hf.get("model_type", "flava") != "flava":
+    raise ValueError(f"--arch {arch!r}: {file} is not a FLAVA config "
+                     f"(model_type {hf.get('model_type')!r})"
+                     if isinstance(hf, dict) else
+                     f"--arch {arch!r}: {file} is not a config object")
+  return hf
+
+
 def arch_fields(arch: str) -> dict:
+  """FlavaConfig fields of an arch name ('full', 'test') or of a FLAVA
+  model's HF config.json (a file or its directory: any size imports)."""
+  hf = read_hf_config(arch)
+  if hf is not None:
+    return dataclasses.asdict(config_from_hf(hf))
   name = _ALIASES.get(arch, arch)
   if name not in ARCHS:
     raise ValueError(f"unknown Hugging Face FLAVA arch {arch!r}; known: "
-                     f"{', '.join(sorted(set(ARCHS) | set(_ALIASES)))}")
+                     f"{', '.join(sorted(set(ARCHS) | set(_ALIASES)))}, or "
+                     "the path of a FLAVA config.json (or its directory)")
   return ARCHS[name]()
 
 
@@ -383,12 +416,25 @@ def codebook_config_from_hf(hf: Mapping[str, Any],
 
 
 def codebook_arch_config(arch: str, image_size: int | None = None):
+  """CodebookConfig of an arch name, or of an HF config.json: a
+  FlavaForPreTraining's (its image_codebook_config; HF's defaults when it
+  has none) or a FlavaImageCodebook's own."""
   from florax.models import flava_codebook  # pylint: disable=g-import-not-at-top
+  file = hf_config_file(arch)
+  if file is not None:
+    with open(file, encoding="utf-8") as f:
+      hf = json.load(f)
+    sub = (hf if hf.get("model_type") == "flava_image_codebook" else
+           hf.get("image_codebook_config") or {})
+    cfg = codebook_config_from_hf(sub, image_size or CODEBOOK_IMAGE_SIZE)
+    flava_codebook.validate(cfg)
+    return cfg
   name = _CODEBOOK_ALIASES.get(arch, arch)
   if name not in CODEBOOK_ARCHS:
     raise ValueError(
         f"unknown FLAVA image codebook arch {arch!r}; known: "
-        f"{', '.join(sorted(set(CODEBOOK_ARCHS) | set(_CODEBOOK_ALIASES)))}")
+        f"{', '.join(sorted(set(CODEBOOK_ARCHS) | set(_CODEBOOK_ALIASES)))}"
+        ", or the path of a FLAVA config.json")
   fields = CODEBOOK_ARCHS[name]()
   if image_size is not None:
     fields["image_size"] = int(image_size)
