@@ -254,7 +254,8 @@ def test_cli_errors_are_one_line(files, tmp_path):
   lines = res.stderr.strip().splitlines()
   assert lines == ["florax: error: unknown Hugging Face FLAVA arch "
                    "'flava_huge'; known: facebook/flava-full, flava-full, "
-                   "full, test"], lines
+                   "full, test, or the path of a FLAVA config.json (or its "
+                   "directory)"], lines
   assert not (tmp_path / "out").exists()
 
 

@@ -241,14 +241,19 @@ class MakeNLVR2(grain.transforms.RandomMap):
 
 # -- texts and pipelines ----------------------------------------------------------
 
-def all_texts() -> list[str]:
-  """Every question and statement the generators can produce."""
+def question_texts() -> list[str]:
+  """Every question the VQA generator can produce."""
   out = [QUESTIONS["what"], QUESTIONS["even"], QUESTIONS["odd"]]
   out += [QUESTIONS["is_a"].format(word=w) for w in WORDS]
   out += [QUESTIONS["over"].format(n=n) for n in range(9)]
-  out += sorted({statement(f, w) for f in STATEMENT_FAMILIES
-                 for w in range(10)})
   return out
+
+
+def all_texts() -> list[str]:
+  """Every question and statement the generators can produce."""
+  return question_texts() + sorted({statement(f, w)
+                                    for f in STATEMENT_FAMILIES
+                                    for w in range(10)})
 
 
 def max_pieces(tokenizer: TextTokenizer) -> tuple[int, str]:

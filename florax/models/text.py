@@ -78,7 +78,12 @@ class TextTransformer(nn.Module):
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, ids, deterministic: bool = True):
+  def __call__(self, ids, deterministic: bool = True,
+               mask_id: Optional[int] = None):
+    """`mask_id`: ids equal to it (masked language modeling's [MASK], e.g.
+    one past a pretrained tower's vocabulary) embed as a learned
+    `mask_embed` vector instead (created only by a model that masks, so a
+    pretrained tower's params load unchanged)."""
     cfg = self.config
     b, length = ids.shape
     if length > cfg.max_len:
@@ -93,7 +98,17 @@ class TextTransformer(nn.Module):
         nn.with_logical_partitioning(nn.initializers.normal(0.01),
                                      (None, "embed")),
         (cfg.max_len, cfg.width), jnp.float32)
-    x = embed(ids) + pos[None, :length].astype(self.dtype)
+    if mask_id is None:
+      tokens = embed(ids)
+    else:
+      is_mask = ids == mask_id
+      mask_embed = self.param(
+          "mask_embed", nn.with_logical_partitioning(
+              nn.initializers.normal(0.02), ("embed",)), (cfg.width,),
+          jnp.float32)
+      tokens = jnp.where(is_mask[..., None], mask_embed.astype(self.dtype),
+                         embed(jnp.where(is_mask, 0, ids)))
+    x = tokens + pos[None, :length].astype(self.dtype)
     x = nn.Dropout(cfg.dropout)(x, deterministic=deterministic)
     mask = None
     if cfg.pad_id is not None:

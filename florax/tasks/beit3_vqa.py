@@ -96,6 +96,18 @@ def vqa_accuracy(logits, scores):
   return jnp.where(jnp.all(jnp.isfinite(logits), -1), got, 0.0)
 
 
+def vqa_metrics(logits, holdout: dict, families, reduction: str) -> dict:
+  """eval/vqa_accuracy (overall and per family: eval/vqa_accuracy_<family>)
+  and eval/loss of held-out logits (digits_qa.vqa_holdout's dict)."""
+  acc = np.asarray(vqa_accuracy(logits, holdout["scores"]))
+  out = {"eval/vqa_accuracy": float(acc.mean()),
+         "eval/loss": float(vqa_bce(logits, holdout["scores"], reduction))}
+  for k, fam in enumerate(families):
+    out[f"eval/vqa_accuracy_{fam}"] = float(acc[holdout["family"] == k]
+                                            .mean())
+  return out
+
+
 # -- the models -------------------------------------------------------------------
 
 def _kernel_init(scale: float):
@@ -372,13 +384,8 @@ class BEiT3VQATask(_FusionTask):
   def evaluate(self, params, frozen=None, step=None):
     h = self.holdout()
     logits = self._predict(params, {"images": h["images"], "ids": h["ids"]})
-    acc = np.asarray(vqa_accuracy(logits, h["scores"]))
-    out = {"eval/vqa_accuracy": float(acc.mean()),
-           "eval/loss": float(vqa_bce(logits, h["scores"],
-                                      self.config.vqa.loss_reduction))}
-    for k, fam in enumerate(self.config.data.families):
-      out[f"eval/vqa_accuracy_{fam}"] = float(acc[h["family"] == k].mean())
-    return out
+    return vqa_metrics(logits, h, self.config.data.families,
+                       self.config.vqa.loss_reduction)
 
 
 # -- NLVR2 --------------------------------------------------------------------------
