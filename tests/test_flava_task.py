@@ -279,3 +279,24 @@ def test_presets_build():
           full.optimizer.warmup_steps) == (1e-3, 0.1, 10_000)
   assert full.sharding.zero_stage == 3 and full.model.dtype == "float16"
   assert precision.loss_scaling_enabled(full)
+
+
+def test_export_serves_the_evaluators_embeddings_and_itm(built, tmp_path):
+  """A FLAVA export (florax.serving) embeds and matches as the evaluator:
+  the contrastive unit embeddings (zero-shot retrieval) and ITM logits."""
+  from florax import inference, serving  # pylint: disable=g-import-not-at-top
+  task, params, _, _ = built
+  serving.write(str(tmp_path / "export"), task.config, params,
+                task.serving_tokenizer(), task.serving(), step=1,
+                platforms=("cpu",))
+  model = inference.load(str(tmp_path / "export"), backend="exported",
+                         max_batch=8)
+  images, _, own, other = task.holdout()
+  images, own, other = images[:5], own[:5], other[:5]
+  np.testing.assert_allclose(model.encode_image(images),
+                             task.encode_images(params, images), atol=2e-5)
+  np.testing.assert_allclose(model.call("encode_text", text=own),
+                             task.encode_texts(params, own), atol=2e-5)
+  np.testing.assert_allclose(model.call("match", images=images, text=other),
+                             task.itm_logits(params, images, other),
+                             atol=2e-5)

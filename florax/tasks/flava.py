@@ -568,6 +568,41 @@ class FlavaTask(vq_tokenizer.VisualTokenizerMixin, base.Task):
           codes + flops_lib.resize_flops(d.image_size, vq.image_size))
     return trained.train() + frozen
 
+  def serving(self):
+    """What an export serves: the contrastive unit embeddings
+    (`encode_image`, `encode_text`: zero-shot retrieval and classification
+    through florax.inference's `similarity`) and `match` (ITM on the
+    multimodal pooler: does the text describe the image? no / yes), each
+    the evaluator's own computation."""
+    from florax import serving  # pylint: disable=g-import-not-at-top
+    model, d = self.model, self.config.data
+    n = self.flava_config.image.grid ** 2
+    image = serving.Input("images", "image", (d.image_size, d.image_size, 3))
+    text = serving.Input("text", "text", (d.max_len,), "int32")
+
+    def encode_image(params, images):
+      return model.apply({"params": params}, images,
+                         method=FlavaPretraining.image_embedding)
+
+    def encode_text(params, ids):
+      return model.apply({"params": params}, ids, self._valid(ids),
+                         method=FlavaPretraining.text_embedding)
+
+    def match(params, images, ids):
+      return model.apply(
+          {"params": params}, images,
+          jnp.zeros((images.shape[0], n), bool), ids, self._valid(ids),
+          method=FlavaPretraining.multimodal)[0]
+    return {"encode_image": serving.Function(encode_image, (image,),
+                                             "embedding"),
+            "encode_text": serving.Function(encode_text, (text,),
+                                            "embedding"),
+            "match": serving.Function(match, (image, text), "labels",
+                                      ("no", "yes"))}
+
+  def serving_tokenizer(self):
+    return self.text_tokenizer
+
   def preprocess_spec(self) -> dict:
     """The images' normalisation (what the frozen tokenizer un-does): the
     digits' [-1, 1], or the records' mean/std."""
