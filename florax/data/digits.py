@@ -42,6 +42,17 @@ def all_descriptions() -> list[str]:
   return [describe(c, t) for c in range(10) for t in TEMPLATES]
 
 
+def matched_descriptions(labels) -> tuple[list[str], list[str]]:
+  """(own, other) for a sequence of labels: example i described with
+  template i mod T, and the same template naming digit (label + 1 + i mod
+  9) mod 10 (never its own): the held-out image-text matching pairs."""
+  t = TEMPLATES
+  own = [describe(int(c), t[i % len(t)]) for i, c in enumerate(labels)]
+  other = [describe(int(c + 1 + i % 9) % 10, t[i % len(t)])
+           for i, c in enumerate(labels)]
+  return own, other
+
+
 def unicl_label(class_text: str) -> int:
   """Stable 31-bit hash key of a normalised class text (UniCL's y)."""
   norm = " ".join(class_text.lower().split())

@@ -489,11 +489,7 @@ class FlavaTask(vq_tokenizer.VisualTokenizerMixin, base.Task):
     if self._holdout is None:
       d = self.config.data
       images, labels = pipeline.holdout_arrays(d.image_size)
-      t = digits.TEMPLATES
-      own = [digits.describe(int(c), t[i % len(t)])
-             for i, c in enumerate(labels)]
-      other = [digits.describe(int(c + 1 + i % 9) % 10, t[i % len(t)])
-               for i, c in enumerate(labels)]
+      own, other = digits.matched_descriptions(labels)
       tok = self.text_tokenizer
       self._holdout = (images, labels, tok.encode_batch(own, d.max_len),
                        tok.encode_batch(other, d.max_len))

@@ -101,14 +101,11 @@ def holdout_examples(input_: str, image_size: int, tok, max_len: int):
   with its own description and with one of digit (label + 1 + i mod 9) mod
   10 (2N pairs, half entailed)."""
   images, labels = pipeline.holdout_arrays(image_size)
-  t = digits.TEMPLATES
-  own = [digits.describe(int(c), t[i % len(t)]) for i, c in enumerate(labels)]
   if input_ == "image":
     return {"image": images}, labels
+  own, other = digits.matched_descriptions(labels)
   if input_ == "text":
     return {"ids": tok.encode_batch(own, max_len)}, labels
-  other = [digits.describe(int(c + 1 + i % 9) % 10, t[i % len(t)])
-           for i, c in enumerate(labels)]
   ids = tok.encode_batch(own + other, max_len)
   return ({"image": np.concatenate([images, images]), "ids": ids},
           np.concatenate([np.ones(len(labels)), np.zeros(len(labels))]

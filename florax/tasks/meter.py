@@ -314,11 +314,7 @@ class MeterPretrainTask(_MeterTask):
     if self._holdout is None:
       d, tok = self.config.data, self.text_tokenizer
       images, labels = pipeline.holdout_arrays(d.image_size)
-      t = digits.TEMPLATES
-      own = [digits.describe(int(c), t[i % len(t)])
-             for i, c in enumerate(labels)]
-      other = [digits.describe(int(c + 1 + i % 9) % 10, t[i % len(t)])
-               for i, c in enumerate(labels)]
+      own, other = digits.matched_descriptions(labels)
       self._holdout = (images, tok.encode_batch(own, d.max_len),
                        tok.encode_batch(other, d.max_len))
     return self._holdout

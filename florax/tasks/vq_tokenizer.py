@@ -46,6 +46,25 @@ from florax.tasks import vqkd as vqkd_task
 from florax.train import init_from
 
 
+def _load_checked(spec, flat, what: str, kind: str, shardings):
+  """The params `spec` names, read from `flat` (every one present, of its
+  shape: a ValueError naming the first that is not), as fp32, placed."""
+  want = export.flatten_params(jax.tree.map(
+      lambda b: b.value if isinstance(b, nn.Partitioned) else b, spec,
+      is_leaf=lambda b: isinstance(b, nn.Partitioned)))
+  missing = sorted(set(want) - set(flat))
+  if missing:
+    raise ValueError(f"{kind} {what}: {len(missing)} params missing (e.g. "
+                     f"{missing[0]})")
+  for k, v in want.items():
+    if tuple(flat[k].shape) != tuple(v.shape):
+      raise ValueError(f"{kind} {what}: {k} has shape {flat[k].shape}, its "
+                       f"config needs {v.shape}")
+  params = export.unflatten_params(
+      {k: np.asarray(flat[k], np.float32) for k in want})
+  return jax.device_put(params, shardings)
+
+
 class FrozenVQTokenizer:
   """The tokenizer of the vqkd run at `path` (checkpoint `step`, -1 latest).
 
@@ -118,21 +137,8 @@ class FrozenVQTokenizer:
 
   def load(self, shardings):
     """The params, checked against the run's config and placed."""
-    flat, what = init_from.read_source(self.path, self.step)
-    want = export.flatten_params(jax.tree.map(
-        lambda b: b.value if isinstance(b, nn.Partitioned) else b,
-        self.spec(), is_leaf=lambda b: isinstance(b, nn.Partitioned)))
-    missing = sorted(set(want) - set(flat))
-    if missing:
-      raise ValueError(f"tokenizer {what}: {len(missing)} params missing "
-                       f"(e.g. {missing[0]})")
-    for k, v in want.items():
-      if tuple(flat[k].shape) != tuple(v.shape):
-        raise ValueError(f"tokenizer {what}: {k} has shape {flat[k].shape}, "
-                         f"its config needs {v.shape}")
-    params = export.unflatten_params(
-        {k: np.asarray(flat[k], np.float32) for k in want})
-    return jax.device_put(params, shardings)
+    return _load_checked(self.spec(), *init_from.read_source(
+        self.path, self.step), "tokenizer", shardings)
 
   def source(self) -> str:
     return f"vqkd checkpoint step {self.step} of {os.path.abspath(self.path)}"
@@ -278,21 +284,8 @@ class FrozenImageCodebook:
   def load(self, shardings):
     """The params (params.safetensors), checked against the config and
     placed."""
-    flat, what = init_from.read_source(self.path)
-    want = export.flatten_params(jax.tree.map(
-        lambda b: b.value if isinstance(b, nn.Partitioned) else b,
-        self.spec(), is_leaf=lambda b: isinstance(b, nn.Partitioned)))
-    missing = sorted(set(want) - set(flat))
-    if missing:
-      raise ValueError(f"image codebook {what}: {len(missing)} params "
-                       f"missing (e.g. {missing[0]})")
-    for k, v in want.items():
-      if tuple(flat[k].shape) != tuple(v.shape):
-        raise ValueError(f"image codebook {what}: {k} has shape "
-                         f"{flat[k].shape}, its config needs {v.shape}")
-    params = export.unflatten_params(
-        {k: np.asarray(flat[k], np.float32) for k in want})
-    return jax.device_put(params, shardings)
+    return _load_checked(self.spec(), *init_from.read_source(self.path),
+                         "image codebook", shardings)
 
   def source(self) -> str:
     src = self.manifest.get("source") or {}
