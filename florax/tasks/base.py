@@ -101,6 +101,14 @@ class Task(abc.ABC):
     recorded in the workdir with their checksum."""
     return ""
 
+  def adapt_init_source(self, source: dict) -> dict:
+    """The flat source params `config.init_from` read ({name: numpy
+    array}), before they are matched to this task's params by name
+    (init_from.prefixes) and shape. A task may transform them, e.g. inflate
+    a 2-D image tower's weights into its video tower's shapes
+    (florax/tasks/video.py). Default: unchanged."""
+    return source
+
   # -- data -----------------------------------------------------------------
 
   def batch_kinds(self) -> dict[str, Any]:

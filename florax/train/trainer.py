@@ -291,6 +291,7 @@ class Trainer:
     if not cfg or not cfg.get("path"):
       return state
     source, what = init_from_lib.read_source(cfg.path, cfg.get("step", -1))
+    source = self.task.adapt_init_source(source)
     prefixes = [tuple(p) for p in cfg.get("prefixes", ())]
     params, report = init_from_lib.load_matching(state["params"], source,
                                                  prefixes)
