@@ -18,7 +18,7 @@ Presets (`--config configs/video_coswin.py:NAME`):
                   paper reports zero-shot only: this schedule is ours).
 Both tiny demos start from the UniCL quickstart's workdir:
   python -m launch.train --config configs/video_coswin.py:tiny_classify \
-      --workdir /tmp/vid_cls --config.init_from.path=/tmp/cmd1/runs/tiny
+      --workdir runs/vid_cls --config.init_from.path=runs/tiny
 which inflates its 2-D CoSwin into the video tower (and, for retrieval,
 loads its text tower, projections and temperature and reads its
 tokenizer.model); without init_from they train from random init (for
