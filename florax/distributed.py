@@ -40,3 +40,14 @@ def initialize() -> None:
                                num_processes=num, process_id=pid)
   elif _cluster_detected():
     jax.distributed.initialize()
+  else:
+    return  # one process: nothing to start (and the backend stays unbuilt)
+  if jax.process_count() > 1:
+    # Every process is at the same point right after start-up: run the
+    # first cross-process collective now. On CPU it builds the Gloo
+    # context, which must see every process within 30 s (not
+    # configurable); left to the trainer's first collective (Orbax's
+    # checkpoint-directory barrier) it can fall on a process still
+    # compiling on a loaded host (DEADLINE_EXCEEDED in GetKeyValue).
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    multihost_utils.sync_global_devices("florax: processes started")
