@@ -40,6 +40,7 @@ import ml_collections
 
 from configs import common
 from configs import florence
+from florax.data import record_pipeline
 from florax.tasks import video  # noqa: F401  (registers the video tasks)
 
 KINETICS_400 = 240_436  # training clips (Video Swin's count; downloads vary)
@@ -115,6 +116,19 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.data.max_speed = round(0.9 * free_per_frame, 3)
   c.data.train_examples = -1  # -1: the whole digits train split
   c.data.eval_clips_per_digit = 1  # held-out clips per holdout digit (359)
+  # Multi-view testing: temporal views per held-out clip (1: the centred).
+  c.data.eval_views = 1
+  # data.name='records': clip records (launch/make_dataset.py from folders
+  # of frames), sampled with frames / train_strides / eval_stride above;
+  # one crop box per clip, no flip (a flip turns "left" into "right"),
+  # pixels to [-1, 1] as the digits; the held-out clips are eval_split.
+  c.data.records = record_pipeline.user_data_config()
+  c.data.records.crop_scale = (0.5, 1.0)
+  c.data.records.flip = False
+  c.data.records.crop_fraction = 1.0
+  c.data.records.mean = (0.5, 0.5, 0.5)
+  c.data.records.std = (0.5, 0.5, 0.5)
+  c.data.eval_split = "validation"
 
   if task == "video_classify":
     c.finetune = ml_collections.ConfigDict()

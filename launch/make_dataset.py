@@ -8,6 +8,12 @@
 --captions takes CSV (header: path,caption[,label]) or JSONL; paths are
 relative to --image_root (default: the captions file's folder).
 
+Video: a path (captions) or class-folder entry that is a FOLDER of frame
+images is one clip, stored as a record of its encoded frames in file-name
+order (zero-pad the frame numbers); e.g. frames extracted with
+`ffmpeg -i clip.mp4 -vf fps=8 clip/%05d.jpg` into /data/k400/<class>/<clip>/:
+  python -m launch.make_dataset --class_folders=/data/k400 --out=/data/k400r
+
 Every image is decoded once and truncated or corrupt ones are skipped
 (--noverify_images skips the check; bad images then surface in training).
 

@@ -1,5 +1,13 @@
 """Converters to florax records: captions file, webdataset tars, class folders.
 
+Video clips convert through the same two converters that read files: a
+captions row whose `path` is a folder of frames, or a class folder holding
+one subfolder of frames per clip (`root/<class>/<clip>/<frame images>`),
+becomes one record whose `frames` are the clip's encoded frames in file-name
+order (`video_folder_items`). Sampling frames out of a clip happens at
+training time (florax/data/video_records.py), so one conversion serves any
+frame count and stride.
+
 Two passes. The first collects every text (cheap: captions files and class
 folders hold them already; tars are scanned for their .txt/.json members only)
 and builds the dataset-wide UniCL table, so that every shard written in the
@@ -59,6 +67,8 @@ class Item:
   texts: list[str]
   label: int = -1
   prompt: bool = False
+  # a video clip: its frame files in time order (`path` is then the folder)
+  frame_paths: list[str] | None = None
 
 
 @dataclasses.dataclass
@@ -100,22 +110,48 @@ def _verify_image(data: bytes) -> None:
     img.load()
 
 
-def _make_record(item_id: str, image: bytes, texts: Sequence[Any], label: int,
-                 prompt: bool, table: LabelTable,
-                 verify: bool) -> records.Record:
+def _check_image(item_id: str, image: bytes, verify: bool,
+                 what: str = "image") -> None:
   if not image:
-    raise bad_records.BadRecordError(item_id, "image file is empty")
-  clean = [bad_records.check_text(item_id, t) for t in texts]
-  if not clean:
-    raise bad_records.BadRecordError(item_id, "no text")
+    raise bad_records.BadRecordError(item_id, f"{what} file is empty")
   if verify:
     try:
       _verify_image(image)
     except Exception as e:  # PIL raises many types for corrupt data
-      raise bad_records.BadRecordError(item_id, f"undecodable image ({e})")
+      raise bad_records.BadRecordError(item_id, f"undecodable {what} ({e})")
+
+
+def _make_record(item_id: str, image: bytes, texts: Sequence[Any], label: int,
+                 prompt: bool, table: LabelTable, verify: bool,
+                 frames: Sequence[bytes] = ()) -> records.Record:
+  """A record of one image, or of a clip's `frames` (image then b"")."""
+  if frames:
+    for i, frame in enumerate(frames):
+      _check_image(item_id, frame, verify, f"frame {i}")
+  else:
+    _check_image(item_id, image, verify)
+  clean = [bad_records.check_text(item_id, t) for t in texts]
+  if not clean:
+    raise bad_records.BadRecordError(item_id, "no text")
   return records.Record(id=item_id, image=image, texts=clean,
                         text_labels=[table.label(t) for t in clean],
-                        label=label, prompt=prompt)
+                        label=label, prompt=prompt, frames=list(frames))
+
+
+def _read_file(item_id: str, path: str, what: str = "image") -> bytes:
+  try:
+    with open(path, "rb") as f:
+      return f.read()
+  except OSError as e:
+    raise bad_records.BadRecordError(
+        item_id, f"cannot read {what} file ({e.strerror})") from None
+
+
+def _frame_files(folder: str) -> list[str]:
+  """A clip folder's frame images in file-name order (zero-pad the names:
+  frame_10 sorts before frame_2)."""
+  return [os.path.join(folder, f) for f in sorted(os.listdir(folder))
+          if f.lower().endswith(IMAGE_EXTENSIONS)]
 
 
 def _tar_groups(tar_path: str, texts_only: bool):
@@ -192,14 +228,16 @@ def _run_task(task: _Task
     if task.kind == "files":
       for item in task.items:
         try:
-          try:
-            with open(item.path, "rb") as f:
-              image = f.read()
-          except OSError as e:
-            raise bad_records.BadRecordError(
-                item.id, f"cannot read image file ({e.strerror})") from None
+          if item.frame_paths is not None:
+            if not item.frame_paths:
+              raise bad_records.BadRecordError(item.id,
+                                               "clip folder has no frames")
+            image, frames = b"", [_read_file(item.id, p, "frame")
+                                  for p in item.frame_paths]
+          else:
+            image, frames = _read_file(item.id, item.path), ()
           write(_make_record(item.id, image, item.texts, item.label,
-                             item.prompt, table, task.verify_images))
+                             item.prompt, table, task.verify_images, frames))
         except bad_records.BadRecordError as e:
           skipped.append((e.record_id, e.reason))
     else:
@@ -440,14 +478,18 @@ def caption_items(captions_file: str, image_root: str | None = None
     caption = _field(row, ("caption", "text", "captions"), captions_file, n)
     texts = caption if isinstance(caption, list) else [caption]
     label = row.get("label")
-    items.append(Item(id=str(rel), path=os.path.join(root, str(rel)),
-                      texts=texts,
-                      label=labels[label] if label not in (None, "") else -1))
+    path = os.path.join(root, str(rel))
+    items.append(Item(id=str(rel), path=path, texts=texts,
+                      label=labels[label] if label not in (None, "") else -1,
+                      frame_paths=(_frame_files(path) if os.path.isdir(path)
+                                   else None)))
   return items, class_names
 
 
 def class_folder_items(root: str) -> tuple[list[Item], list[str]]:
-  """Items of `root/<class name>/<image>`; the text is the class name."""
+  """Items of `root/<class name>/<image>`, or of `root/<class name>/<clip
+  folder>/<frames>` (a video record per clip folder); the text is the class
+  name."""
   classes = sorted(d for d in os.listdir(root)
                    if os.path.isdir(os.path.join(root, d)))
   if not classes:
@@ -455,10 +497,13 @@ def class_folder_items(root: str) -> tuple[list[Item], list[str]]:
   items = []
   for label, name in enumerate(classes):
     for f in sorted(os.listdir(os.path.join(root, name))):
-      if f.lower().endswith(IMAGE_EXTENSIONS):
-        items.append(Item(id=f"{name}/{f}", path=os.path.join(root, name, f),
+      path = os.path.join(root, name, f)
+      clip = os.path.isdir(path)
+      if clip or f.lower().endswith(IMAGE_EXTENSIONS):
+        items.append(Item(id=f"{name}/{f}", path=path,
                           texts=[name.replace("_", " ")], label=label,
-                          prompt=True))
+                          prompt=True,
+                          frame_paths=_frame_files(path) if clip else None))
   return items, [c.replace("_", " ") for c in classes]
 
 

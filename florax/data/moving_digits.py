@@ -49,6 +49,7 @@ import numpy as np
 
 from florax.data import digits
 from florax.data import digits_images
+from florax.data import temporal
 
 DIRECTIONS = ("left", "right", "up", "down")
 # (dy, dx) of one step in image coordinates (rows grow downwards).
@@ -160,18 +161,17 @@ def draw_motion(spec: ClipSpec, direction: int, rng: np.random.Generator):
   return tuple(start), speed
 
 
-def frame_times(spec: ClipSpec, rng: np.random.Generator | None) -> np.ndarray:
-  """The rendered frames the model reads: random stride and start with an
-  rng (training), the centred eval_stride sampling without (evaluation)."""
+def frame_times(spec: ClipSpec, rng: np.random.Generator | None,
+                views: int = 1) -> np.ndarray:
+  """The rendered frames the model reads (florax/data/temporal.py): random
+  stride and start with an rng (training, (frames,)), the eval_stride
+  sampling without ((frames,) centred, or (views, frames) spread)."""
   if rng is None:
-    stride = spec.eval_stride
-    start = (spec.render_frames - spec.span(stride)) // 2
-  else:
-    fits = [s for s in spec.train_strides
-            if spec.span(s) <= spec.render_frames]
-    stride = int(fits[rng.integers(len(fits))])
-    start = int(rng.integers(0, spec.render_frames - spec.span(stride) + 1))
-  return start + stride * np.arange(spec.frames)
+    times = temporal.eval_indices(spec.render_frames, spec.frames,
+                                  spec.eval_stride, views)
+    return times[0] if views == 1 else times
+  return temporal.train_indices(spec.render_frames, spec.frames,
+                                spec.train_strides, rng)
 
 
 def positions(spec: ClipSpec, direction: int, start, speed: float,
@@ -248,10 +248,12 @@ def moving_digits_dataset(spec: ClipSpec, *, batch_size: int, seed: int,
 
 
 def holdout_clips(spec: ClipSpec, clips_per_digit: int = 1,
-                  tokenizer=None, max_len: int = 0) -> dict:
+                  tokenizer=None, max_len: int = 0, views: int = 1) -> dict:
   """The fixed held-out clips (holdout-split digits, eval sampling).
 
-  Returns {'video' (N, frames, S, S, 3), 'label', 'digit',
+  Returns {'video' (N, frames, S, S, 3), or (N, views, frames, S, S, 3)
+  with views > 1 (temporal views of each clip, florax/data/temporal.py),
+  'label', 'digit',
   'caption_label' (N,) int32, 'caption' [N str] (EVAL_TEMPLATE), and
   'ids' (N, max_len) with a tokenizer}, N = clips_per_digit x holdout digits.
   """
@@ -262,14 +264,18 @@ def holdout_clips(spec: ClipSpec, clips_per_digit: int = 1,
   n = len(images) * clips_per_digit
   rng = np.random.default_rng(HOLDOUT_SEED)
   directions = rng.permutation(np.arange(n) % len(DIRECTIONS))
-  times = frame_times(spec, None)
+  times = frame_times(spec, None, views)
   videos, digit_ids, captions = [], [], []
   for i in range(n):
     image, digit = images[i % len(images)], int(targets[i % len(images)])
     start, speed = draw_motion(spec, int(directions[i]),
                                np.random.default_rng([HOLDOUT_SEED, i]))
-    videos.append(render(image, spec, int(directions[i]), start, speed,
-                         times))
+    if views == 1:
+      videos.append(render(image, spec, int(directions[i]), start, speed,
+                           times))
+    else:
+      videos.append(np.stack([render(image, spec, int(directions[i]), start,
+                                     speed, t) for t in times]))
     digit_ids.append(digit)
     captions.append(caption(digit, int(directions[i])))
   out = {
@@ -284,3 +290,47 @@ def holdout_clips(spec: ClipSpec, clips_per_digit: int = 1,
   if tokenizer is not None:
     out["ids"] = tokenizer.encode_batch(captions, max_len)
   return out
+
+
+def write_clip_folders(out_dir: str, spec: ClipSpec, *, split: str = "train",
+                       clips_per_digit: int = 1, seed: int = 0,
+                       max_clips: int | None = None) -> str:
+  """Moving-digit clips as folders of PNG frames: the on-disk layout of real
+  clips, for launch/make_dataset.py.
+
+  Writes `out_dir/<direction>/<split>_<i>/<t:03d>.png` (all render_frames
+  frames of clip i; class folders = directions) and `out_dir/captions.csv`
+  (path = the clip folder, caption = its eval caption, label = the
+  direction): `--class_folders=out_dir` gives a classification set,
+  `--captions=out_dir/captions.csv` a retrieval set. Digits from `split`
+  of the sklearn digits (clips_per_digit each, at most max_clips in all);
+  returns the captions file.
+  """
+  import csv  # pylint: disable=g-import-not-at-top
+  import os  # pylint: disable=g-import-not-at-top
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  spec.validate()
+  images, targets = digits.load_split(split)
+  rng = np.random.default_rng([seed, len(split)])
+  times = np.arange(spec.render_frames)
+  rows = []
+  count = len(images) * clips_per_digit
+  for i in range(count if max_clips is None else min(count, max_clips)):
+    digit = int(targets[i % len(images)])
+    direction = int(rng.integers(len(DIRECTIONS)))
+    start, speed = draw_motion(spec, direction, rng)
+    video = render(images[i % len(images)], spec, direction, start, speed,
+                   times)
+    rel = os.path.join(DIRECTIONS[direction], f"{split}_{i:05d}")
+    os.makedirs(os.path.join(out_dir, rel), exist_ok=True)
+    for t, frame in enumerate(video):
+      Image.fromarray(np.round((frame + 1) * 127.5).astype(np.uint8)).save(
+          os.path.join(out_dir, rel, f"{t:03d}.png"))
+    rows.append({"path": rel, "caption": caption(digit, direction),
+                 "label": DIRECTIONS[direction]})
+  path = os.path.join(out_dir, "captions.csv")
+  with open(path, "w", newline="", encoding="utf-8") as f:
+    writer = csv.DictWriter(f, ("path", "caption", "label"))
+    writer.writeheader()
+    writer.writerows(rows)
+  return path

@@ -161,7 +161,8 @@ def make_train_iterator(cfg: ml_collections.ConfigDict, *,
                         tokenizer: Tokenizer | None = None,
                         process_index: int | None = None,
                         process_count: int | None = None,
-                        source: Any = None
+                        source: Any = None,
+                        chain: list | None = None
                         ) -> bad_records.SkipAccountingIterator:
   """This process's iterator of local batches (numpy dicts).
 
@@ -170,6 +171,9 @@ def make_train_iterator(cfg: ml_collections.ConfigDict, *,
     tokenizer: SentencePiece tokenizer (else loaded from cfg.tokenizer_path).
     process_index, process_count: the JAX process layout (default: jax's).
     source: a random-access source overriding `cfg.source`.
+    chain: RandomMap transforms replacing `example_transforms(cfg, ...)`
+      (e.g. video_records.ClipTransform); they turn bad records into
+      bad_records markers as ExampleTransform does.
 
   Returns:
     A Grain DatasetIterator with get_state/set_state, `metrics()` for
@@ -189,7 +193,9 @@ def make_train_iterator(cfg: ml_collections.ConfigDict, *,
   if cfg.shuffle:
     ds = ds.shuffle(seed=cfg.seed)
   ds = ds.repeat(cfg.num_epochs or None)
-  for i, t in enumerate(example_transforms(cfg, tokenizer)):
+  if chain is None:
+    chain = example_transforms(cfg, tokenizer)
+  for i, t in enumerate(chain):
     # seeds differ per process: the shards differ, so must the augmentations
     seed = np.random.SeedSequence([cfg.seed, index, i]).generate_state(1)[0]
     ds = ds.random_map(t, seed=int(seed))

@@ -22,6 +22,14 @@ Record schema v1 (a msgpack map):
   text_labels  list[int]  UniCL label of each text (dataset-wide table)
   label        int        class label, -1 if none
   prompt       bool       texts are short class names: templates apply
+
+Optional fields (written only when non-empty, so image/text records are
+unchanged and older files read the same):
+  frames       list[bytes] a video clip: its frames, each an encoded image,
+                          in time order (`image` is then b"")
+  boxes        list[list[float]]  detection boxes, (x1, y1, x2, y2) in pixels
+                          of the encoded image
+  box_labels   list[int]  the class index of each box
 """
 
 from __future__ import annotations
@@ -52,6 +60,9 @@ class Record:
   text_labels: list[int] = dataclasses.field(default_factory=list)
   label: int = -1
   prompt: bool = False
+  frames: list[bytes] = dataclasses.field(default_factory=list)
+  boxes: list[list[float]] = dataclasses.field(default_factory=list)
+  box_labels: list[int] = dataclasses.field(default_factory=list)
 
   def to_dict(self) -> dict[str, Any]:
     return dataclasses.asdict(self)
@@ -65,11 +76,25 @@ def serialize(record: Record) -> bytes:
   if record.text_labels and len(record.text_labels) != len(record.texts):
     raise ValueError(f"record {record.id}: {len(record.texts)} texts but "
                      f"{len(record.text_labels)} text labels")
-  return msgpack.packb({
-      "v": SCHEMA_VERSION, "id": record.id, "image": bytes(record.image),
-      "texts": list(record.texts), "text_labels": list(record.text_labels),
-      "label": int(record.label), "prompt": bool(record.prompt)},
-                       use_bin_type=True)
+  if len(record.boxes) != len(record.box_labels):
+    raise ValueError(f"record {record.id}: {len(record.boxes)} boxes but "
+                     f"{len(record.box_labels)} box labels")
+  if any(len(b) != 4 for b in record.boxes):
+    raise ValueError(f"record {record.id}: boxes must be (x1, y1, x2, y2)")
+  obj = {"v": SCHEMA_VERSION, "id": record.id, "image": bytes(record.image),
+         "texts": list(record.texts), "text_labels": list(record.text_labels),
+         "label": int(record.label), "prompt": bool(record.prompt)}
+  if record.frames:
+    if not all(isinstance(f, (bytes, bytearray)) for f in record.frames):
+      raise TypeError(f"record {record.id}: frames must be encoded bytes")
+    obj["frames"] = [bytes(f) for f in record.frames]
+  if record.boxes:
+    obj["boxes"] = [[float(v) for v in b] for b in record.boxes]
+    obj["box_labels"] = [int(c) for c in record.box_labels]
+  return msgpack.packb(obj, use_bin_type=True)
+
+
+_OPTIONAL_FIELDS = ("frames", "boxes", "box_labels")
 
 
 def deserialize(data: bytes) -> dict[str, Any]:
@@ -80,6 +105,8 @@ def deserialize(data: bytes) -> dict[str, Any]:
     raise ValueError(f"record {obj.get('id')!r} has schema version {version}; "
                      f"this florax reads version {SCHEMA_VERSION}")
   obj.pop("v")
+  for field in _OPTIONAL_FIELDS:
+    obj.setdefault(field, [])
   return obj
 
 

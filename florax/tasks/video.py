@@ -46,9 +46,29 @@ what the text tower learned), else one trained into this workdir on the
 digits descriptions (the UniCL quickstart's corpus and size). It is
 recorded in the workdir; a resume with another tokenizer is refused.
 
-Not implemented: the gradient cache (contrastive.chunk_size), exports and
-serving of video models, records/TFDS video data, multi-view (clips x
-crops) testing.
+Data (`data.name`): `moving_digits` (generated, the demos) or `records`:
+clip records (florax/data/records.py `frames`, written from folders of
+frames by launch/make_dataset.py) read by florax/data/video_records.py
+with `data.records` (record_pipeline's fields: path, split, crop_scale,
+flip, mean/std, ...) and the same temporal fields as the digits (frames,
+train_strides, eval_stride); the held-out clips are the records' split
+`data.eval_split` (default "validation", the converter's
+--holdout_fraction). Classification reads each record's `label` (class
+folders: the folder's index in metadata class_names); retrieval its texts
+and their UniCL labels.
+
+Multi-view testing: `data.eval_views` = V > 1 evaluates V temporal views
+of each held-out clip (evenly spaced starts, florax/data/temporal.py):
+classification averages the views' softmax probabilities (Video Swin's
+rule), retrieval the views' unit embeddings (renormalised).
+
+Exports (launch/export.py) serve `classify` (video -> labels) or
+`encode_video` / `encode_text` (unit embeddings; `ServedModel.similarity`)
+with the video an 'array' input: (frames, S, S, 3) float32 pixels already
+sampled and normalised as in evaluation.
+
+Not implemented: the gradient cache (contrastive.chunk_size), TFDS video
+data, spatial multi-crop testing (views are temporal only).
 """
 
 from __future__ import annotations
@@ -61,7 +81,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from florax import export
+from florax import serving
 from florax.data import moving_digits
+from florax.data import record_pipeline
+from florax.data import records as records_lib
+from florax.data import video_records
 from florax.evaluate import mesh_map
 from florax.evaluate import retrieval
 from florax.models import coswin, text, two_tower
@@ -74,7 +98,7 @@ from florax.tasks import unicl
 from florax.tasks.registry import register
 
 TOWER = classify.TOWER  # "image_encoder": the 2-D source's and ours
-DATA_SOURCES = ("moving_digits",)
+DATA_SOURCES = ("moving_digits", "records")
 _WINDOW_FIELDS = ("window_sizes", "table_windows")
 
 
@@ -152,11 +176,75 @@ class _VideoTask(base.Task):
   def dtype(self):
     return two_tower.DTYPES[self.config.model.dtype]
 
+  @property
+  def from_records(self) -> bool:
+    return self.config.data.name == "records"
+
+  @property
+  def eval_views(self) -> int:
+    return self.config.data.get("eval_views", 1)
+
+  def records_config(self):
+    """`data.records` with the fields this task owns filled in."""
+    cfg = self.config.data
+    rc = record_pipeline.default_data_config()
+    rc.update(cfg.records.to_dict())
+    rc.source = "records"
+    rc.image_size = cfg.image_size
+    rc.max_text_len = cfg.get("max_len", 0)
+    rc.batch_size = self.config.train.batch_size
+    rc.seed = self.config.seed
+    return rc
+
+  def clip_transform(self, train: bool, tokenizer=None):
+    d = self.config.data
+    return video_records.clip_transform(
+        self.records_config(), frames=d.frames,
+        train_strides=d.train_strides, eval_stride=d.eval_stride,
+        train=train, views=self.eval_views, tokenizer=tokenizer,
+        max_len=d.get("max_len", 0))
+
+  def _validate_records(self):
+    d = self.config.data
+    if d.get("records") is None or not d.records.get("path"):
+      raise ValueError("data.name='records' needs data.records.path (a clip "
+                       "records dir from launch/make_dataset.py)")
+    unknown = set(d.records) - set(record_pipeline.user_data_config())
+    if unknown:
+      raise ValueError(f"data.records.{sorted(unknown)[0]} is not a records "
+                       "field (florax/data/record_pipeline.py)")
+    names = records_lib.split_names(d.records.path)  # reads metadata.json
+    for split in (d.records.get("split", "train"),
+                  d.get("eval_split", "validation")):
+      if split not in names:
+        raise ValueError(f"data.records.path={d.records.path} has no split "
+                         f"{split!r} (it has {names}); convert with "
+                         "--holdout_fraction or set data.eval_split")
+    for name in ("image_size", "frames", "eval_stride"):
+      if not beit3_common.is_int(d.get(name)) or d.get(name) < 1:
+        raise ValueError(f"data.{name} must be a positive integer, got "
+                         f"{d.get(name)!r}")
+    strides = d.get("train_strides") or ()
+    if not strides or any(not beit3_common.is_int(s) or s < 1
+                          for s in strides):
+      raise ValueError(f"data.train_strides must be positive integers, got "
+                       f"{strides!r}")
+
   def _validate_video(self):
     cfg = self.config
     if cfg.data.name not in DATA_SOURCES:
       raise ValueError(f"data.name={cfg.data.name!r}: the video tasks read "
-                       f"{DATA_SOURCES} (florax/data/moving_digits.py)")
+                       f"{DATA_SOURCES} (florax/data/moving_digits.py, "
+                       "florax/data/video_records.py)")
+    views = self.eval_views
+    if not beit3_common.is_int(views) or views < 1:
+      raise ValueError(f"data.eval_views must be a positive integer, got "
+                       f"{views!r}")
+    if self.from_records:
+      self._validate_records()
+      video_coswin.validate(self.video_config, cfg.data.frames,
+                            cfg.data.image_size)
+      return
     spec = self.spec
     spec.validate()
     if cfg.data.get("train_examples", -1) == 0:
@@ -177,8 +265,8 @@ class _VideoTask(base.Task):
     return video_coswin.VideoCoSwin(self.video_config, dtype=self.dtype)
 
   def _video_spec(self, batch: int) -> jax.ShapeDtypeStruct:
-    s = self.spec
-    return jax.ShapeDtypeStruct((batch, s.frames, s.image_size, s.image_size,
+    d = self.config.data
+    return jax.ShapeDtypeStruct((batch, d.frames, d.image_size, d.image_size,
                                  3), jnp.float32)
 
   def adapt_init_source(self, source):
@@ -204,6 +292,12 @@ class _VideoTask(base.Task):
 
   def _iterator(self, process_index, process_count, keys, tokenizer=None):
     cfg = self.config
+    if self.from_records:
+      transform = dataclasses.replace(self.clip_transform(True, tokenizer),
+                                      keys=tuple(keys))
+      return video_records.train_iterator(
+          self.records_config(), transform, process_index=process_index,
+          process_count=process_count)
     return iter(moving_digits.moving_digits_dataset(
         self.spec, batch_size=cfg.train.batch_size // process_count,
         seed=cfg.seed, process_index=process_index,
@@ -212,11 +306,28 @@ class _VideoTask(base.Task):
         train_examples=cfg.data.get("train_examples", -1), keys=keys))
 
   def holdout(self, tokenizer=None) -> dict:
+    """The held-out clips, 'video' (N, views, frames, S, S, 3)."""
     if self._holdout is None:
-      self._holdout = moving_digits.holdout_clips(
-          self.spec, self.config.data.get("eval_clips_per_digit", 1),
-          tokenizer=tokenizer, max_len=self.config.data.get("max_len", 0))
+      d = self.config.data
+      if self.from_records:
+        self._holdout, skipped = video_records.holdout(
+            d.records.path, d.get("eval_split", "validation"),
+            self.clip_transform(False, tokenizer))
+        self._holdout["skipped"] = skipped
+      else:
+        self._holdout = moving_digits.holdout_clips(
+            self.spec, d.get("eval_clips_per_digit", 1), tokenizer=tokenizer,
+            max_len=d.get("max_len", 0), views=self.eval_views)
+        if self.eval_views == 1:
+          self._holdout["video"] = self._holdout["video"][:, None]
     return self._holdout
+
+  def _per_view(self, name, fn, params, videos) -> np.ndarray:
+    """fn over (N, V, T, ...) clips -> (N, V, ...) outputs."""
+    n, v = videos.shape[:2]
+    out = np.asarray(self._map(name, fn)(
+        params, videos.reshape((n * v,) + videos.shape[2:])))
+    return out.reshape((n, v) + out.shape[1:])
 
   def _map(self, name, fn) -> mesh_map.MeshMap:
     if name not in self._maps:
@@ -237,17 +348,29 @@ class VideoClassifyTask(_VideoTask):
       raise ValueError("model.text: video_classify trains a video tower and "
                        "a head; remove the text tower (model.text=None)")
     classes = model.get("num_classes", 0)
-    want = len(moving_digits.DIRECTIONS)
-    if not beit3_common.is_int(classes) or classes < want:
-      raise ValueError(f"model.num_classes must be an integer >= {want} (the "
-                       f"directions {moving_digits.DIRECTIONS}), got "
-                       f"{classes!r}")
+    names = self.label_names
+    if not beit3_common.is_int(classes) or classes < len(names):
+      raise ValueError(f"model.num_classes must be an integer >= "
+                       f"{len(names)} (the classes {tuple(names)[:8]}...), "
+                       f"got {classes!r}")
     classify._number(model.get("head_init_scale", 0.001),  # pylint: disable=protected-access
                      "model.head_init_scale", 0.0)
     classify._number(model.get("head_dropout", 0.0), "model.head_dropout",  # pylint: disable=protected-access
                      0.0, 1.0)
     classify._number(self.label_smoothing, "finetune.label_smoothing",  # pylint: disable=protected-access
                      0.0, 1.0)
+
+  @property
+  def label_names(self) -> tuple[str, ...]:
+    if not self.from_records:
+      return tuple(moving_digits.DIRECTIONS)
+    meta = records_lib.read_metadata(self.config.data.records.path)
+    names = meta.get("class_names")
+    if not names:
+      raise ValueError(f"{self.config.data.records.path} has no class_names "
+                       "(convert class folders, or captions with a label "
+                       "column)")
+    return tuple(names)
 
   @property
   def label_smoothing(self):
@@ -286,10 +409,28 @@ class VideoClassifyTask(_VideoTask):
   def evaluate(self, params, frozen=None, step=None):
     clips = self.holdout()
     model = self.model
-    logits = self._map("logits", lambda p, v: model.apply({"params": p}, v))(
-        params, clips["video"])
-    return classify.classification_metrics(
-        np.asarray(logits, np.float64), clips["label"], ks=(1, 5))
+    logits = self._per_view("logits",
+                            lambda p, v: model.apply({"params": p}, v),
+                            params, clips["video"]).astype(np.float64)
+    # views: the mean of their probabilities; its log ranks and scores
+    # like logits (log-softmax of it is itself).
+    probs = np.exp(logits - logits.max(-1, keepdims=True))
+    probs /= probs.sum(-1, keepdims=True)
+    metrics = classify.classification_metrics(
+        np.log(probs.mean(1) + 1e-30), clips["label"], ks=(1, 5))
+    if "skipped" in clips:
+      metrics["eval/skipped"] = float(clips["skipped"])
+    return metrics
+
+  def serving(self):
+    """`classify`: a sampled clip (frames, S, S, 3) -> the class label."""
+    model, shape = self.model, self._video_spec(1).shape[1:]
+
+    def fn(params, video):
+      return model.apply({"params": params}, video)
+    return {"classify": serving.Function(
+        fn, (serving.Input("video", "array", shape),), "labels",
+        self.label_names)}
 
 
 @register("video_retrieval")
@@ -342,6 +483,8 @@ class VideoRetrievalTask(_VideoTask):
           f"the text tokenizer ({where}) ends texts with id {tok.eos_id} and "
           f"pads with {tok.pad_id}, but model.text has eos_id="
           f"{text_cfg.eos_id}, pad_id={text_cfg.pad_id}")
+    if self.from_records:  # their texts are cut to max_len, as images'
+      return
     longest = max(moving_digits.all_captions(),
                   key=lambda t: len(tok.pieces(t)))
     if len(tok.pieces(longest)) + 2 > cfg.data.max_len:
@@ -392,9 +535,32 @@ class VideoRetrievalTask(_VideoTask):
     _, first, clip_caption = np.unique(
         np.asarray(clips["caption"]), return_index=True, return_inverse=True)
     encode_video, encode_text = export.encoders(self.model)
-    video_emb = self._map("video", encode_video)(params, clips["video"])
+    # views: the mean of their unit embeddings, renormalised
+    video_emb = self._per_view("video", encode_video, params,
+                               clips["video"]).mean(1)
+    video_emb /= np.linalg.norm(video_emb, axis=-1, keepdims=True)
     caption_emb = self._map("text", encode_text)(params,
                                                  clips["ids"][first])
     ks = tuple(self.config.get("eval_ks", (1, 5, 10)))
-    return text_video_recall(video_emb, caption_emb,
-                             np.asarray(clip_caption).reshape(-1), ks)
+    metrics = text_video_recall(video_emb, caption_emb,
+                                np.asarray(clip_caption).reshape(-1), ks)
+    if "skipped" in clips:
+      metrics["eval/skipped"] = float(clips["skipped"])
+    return metrics
+
+  def serving(self):
+    """`encode_video` / `encode_text`: unit embeddings as the evaluator's
+    (`ServedModel.similarity` ranks them)."""
+    encode_video, encode_text = export.encoders(self.model)
+    length = self.config.data.max_len
+    return {
+        "encode_video": serving.Function(
+            encode_video, (serving.Input("video", "array",
+                                         self._video_spec(1).shape[1:]),),
+            "embedding"),
+        "encode_text": serving.Function(
+            encode_text, (serving.Input("text", "text", (length,), "int32"),),
+            "embedding")}
+
+  def serving_tokenizer(self):
+    return self.text_tokenizer
