@@ -14,6 +14,14 @@ order (zero-pad the frame numbers); e.g. frames extracted with
 `ffmpeg -i clip.mp4 -vf fps=8 clip/%05d.jpg` into /data/k400/<class>/<clip>/:
   python -m launch.make_dataset --class_folders=/data/k400 --out=/data/k400r
 
+Detection (COCO format): one split per call, into the same --out:
+  python -m launch.make_dataset --coco_instances=ann/instances_train2017.json \
+      --coco_images=train2017 --out=/data/coco --split=train
+  python -m launch.make_dataset --coco_instances=ann/instances_val2017.json \
+      --coco_images=val2017 --out=/data/coco --split=validation
+Boxes outside the image, unknown category ids, missing or undecodable
+image files are skipped and counted by reason (metadata.json "skipped").
+
 Every image is decoded once and truncated or corrupt ones are skipped
 (--noverify_images skips the check; bad images then surface in training).
 
@@ -46,6 +54,12 @@ _IMAGE_ROOT = flags.DEFINE_string("image_root", "", "Root of caption paths.")
 _WDS = flags.DEFINE_string("webdataset", "", "Glob of webdataset tar files.")
 _CLASSES = flags.DEFINE_string("class_folders", "",
                                "Folder with one subfolder per class.")
+_COCO = flags.DEFINE_string("coco_instances", "",
+                            "COCO instances JSON (detection).")
+_COCO_IMAGES = flags.DEFINE_string("coco_images", "",
+                                   "Folder of the COCO json's file_names.")
+_SPLIT = flags.DEFINE_string("split", "train",
+                             "--coco_instances: the split it becomes.")
 _OUT = flags.DEFINE_string("out", "", "Output dataset directory (new).")
 _OVERWRITE = flags.DEFINE_bool("overwrite", False,
                                "Replace the dataset already in --out.")
@@ -60,6 +74,12 @@ _VERIFY = flags.DEFINE_bool("verify_images", True,
 
 
 def _convert() -> dict:
+  if _COCO.value:
+    from florax.data import coco  # pylint: disable=g-import-not-at-top
+    return coco.convert_coco(
+        _COCO.value, _COCO_IMAGES.value or os.path.dirname(_COCO.value),
+        _OUT.value, split=_SPLIT.value, overwrite=_OVERWRITE.value,
+        records_per_shard=_PER_SHARD.value, verify_images=_VERIFY.value)
   common = dict(num_workers=_WORKERS.value, verify_images=_VERIFY.value,
                 holdout_fraction=_HOLDOUT.value, overwrite=_OVERWRITE.value)
   if _CAPTIONS.value:
@@ -78,13 +98,14 @@ def _convert() -> dict:
 
 def main(argv):
   del argv
-  chosen = [f for f in (_CAPTIONS.value, _WDS.value, _CLASSES.value) if f]
+  chosen = [f for f in (_CAPTIONS.value, _WDS.value, _CLASSES.value,
+                        _COCO.value) if f]
   if len(chosen) != 1 or not _OUT.value:
     raise app.UsageError("give --out and exactly one of --captions, "
-                         "--webdataset, --class_folders")
+                         "--webdataset, --class_folders, --coco_instances")
   try:
     meta = _convert()
-  except (converters.ConversionError, FileExistsError) as e:
+  except (converters.ConversionError, FileExistsError, ValueError) as e:
     sys.exit(f"make_dataset: {e}")  # a message, exit status 1
   splits = ", ".join(f"{name} {s['num_records']} records in "
                      f"{len(s['shards'])} shards"

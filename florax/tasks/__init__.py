@@ -12,3 +12,4 @@ from florax.tasks import flava  # noqa: F401,E402
 from florax.tasks import flava_classify  # noqa: F401,E402
 from florax.tasks import meter  # noqa: F401,E402
 from florax.tasks import video  # noqa: F401,E402
+from florax.tasks import detection  # noqa: F401,E402

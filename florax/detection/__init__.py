@@ -1,0 +1,1 @@
+"""Dense object detection (ATSS head math for Florence's detection adapter)."""
