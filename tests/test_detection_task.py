@@ -150,6 +150,28 @@ def test_image_tower_has_unicl_names_and_shapes(tmp_path):
                                             "dyhead", "head"}
 
 
+def test_vit_backbone_takes_the_simple_pyramid(tmp_path):
+  """An EVA-style plain ViT (stride 8 at 64 px) through ViTDet's pyramid:
+  levels at strides 4, 8, 16 (scales 2, 1, 0.5) and the ATSS loss on them,
+  traced without compiling."""
+  from configs import eva  # pylint: disable=g-import-not-at-top
+  task = _task(tmp_path, **{
+      "model.image": eva.image_config("tiny/8", 64),
+      "model.detector.pyramid_scales": (2.0, 1.0, 0.5),
+      "model.detector.first_stage": 0})
+  assert task.detector_config.backbone == "vit"
+  anchors, sizes = task.anchors
+  assert sizes == (256, 64, 16)
+  np.testing.assert_allclose(anchors[0], [2 - 8, 2 - 8, 2 + 8, 2 + 8])
+  params = jax.eval_shape(task.init, jax.random.key(0))
+  assert "image_encoder" in params and "pyramid" in params
+  batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype)
+           for k, v in task.batch_spec(2).items()}
+  loss, _ = jax.eval_shape(lambda p, b: task.loss(p, b, jax.random.key(0)),
+                           nn.unbox(params), batch)
+  assert loss.shape == ()
+
+
 # -- 4. trainer and export ---------------------------------------------------------
 
 def test_trainer_runs_detection_and_export_serves_it(tmp_path):
@@ -182,6 +204,25 @@ def test_trainer_runs_detection_and_export_serves_it(tmp_path):
       pred["valid"][:4], pred["classes"][:4], -1))
 
 
+@pytest.mark.parametrize("name,size", [("b", 1024), ("swin_t", 224)])
+def test_full_presets_validate(name, size, tmp_path):
+  """The full-size presets build (on the canvases: no COCO here) with
+  ATSS's layout: P3-P7 from the stride-8 stage, anchors of 8 x stride,
+  6 DyHead blocks of 256 channels."""
+  cfg = florence_det.get_config(name)
+  with cfg.unlocked():
+    apply_overrides(cfg, {"data.name": "digits_canvas",
+                          "data.image_size": size})
+  task = tasks.build(cfg, str(tmp_path))
+  det = task.detector_config
+  assert (det.num_levels, det.channels, det.dyhead_blocks,
+          det.first_stage) == (5, 256, 6, 1)
+  assert task.config.detector.anchor_scale == 8.0
+  if name == "swin_t":  # timm's Swin-T layout: loads an import by name
+    assert (task.image_config.stem, task.image_config.merge,
+            task.image_config.embed_dim) == ("patch", "patch", 96)
+
+
 # -- 5. config ------------------------------------------------------------------------
 
 @pytest.mark.parametrize("overrides,match", [
@@ -194,7 +235,7 @@ def test_trainer_runs_detection_and_export_serves_it(tmp_path):
     ({"detector.iou_threshold": 1.5}, "detector.iou_threshold"),
     ({"detector.topk": 0}, "detector.topk"),
     ({"detector.anchor_scale": -1.0}, "detector.anchor_scale"),
-    ({"model.image.arch": "vit"}, "model.image"),
+    ({"model.image.arch": "multiway"}, "model.image"),
 ])
 def test_config_refusals(overrides, match, tmp_path):
   with pytest.raises(ValueError, match=match):

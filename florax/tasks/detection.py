@@ -1,7 +1,8 @@
 """Object detection: Florence's object-level adapter (§2.5, §3.4).
 
-The image tower (CoSwin, or an imported Swin: `model.image`) feeds a
-feature pyramid, a stack of Dynamic Head blocks and an ATSS head
+The image tower (`model.image`: CoSwin, an imported Swin, or a plain ViT
+such as EVA's or an imported timm ViT) feeds a feature pyramid (FPN over
+CoSwin's stages; ViTDet's simple pyramid over a ViT's patch grid), a stack of Dynamic Head blocks and an ATSS head
 (florax/models/detector.py); training assigns anchors with ATSS and sums
 the focal, GIoU and centerness losses (florax/detection/); inference keeps
 the best (anchor, class) pairs, decodes and runs class-aware NMS inside
@@ -59,6 +60,7 @@ from florax.evaluate import mesh_map
 from florax.models import coswin
 from florax.models import detector as detector_lib
 from florax.models import two_tower
+from florax.models import vit
 from florax.parallel import sharding as sharding_lib
 from florax.tasks import base
 from florax.tasks import beit3_common
@@ -93,14 +95,20 @@ class DetectionTask(base.Task):
   # -- config ---------------------------------------------------------------
 
   @property
-  def image_config(self) -> coswin.CoSwinConfig:
+  def image_config(self):
     return two_tower.image_config(self.config.model)
 
   @property
   def detector_config(self) -> detector_lib.DetectorConfig:
+    fields = dict(self.config.model.detector)
+    if "pyramid_scales" in fields:
+      fields["pyramid_scales"] = tuple(fields["pyramid_scales"])
+    # The pyramid follows the tower: CoSwin's stages -> FPN, a plain ViT's
+    # patch grid -> ViTDet's simple pyramid.
     return detector_lib.DetectorConfig(
         num_classes=len(self.class_names),
-        **dict(self.config.model.detector))
+        backbone=("vit" if isinstance(self.image_config, vit.ViTConfig)
+                  else "coswin"), **fields)
 
   @property
   def dtype(self):
@@ -150,12 +158,19 @@ class DetectionTask(base.Task):
                            f"--split={split}")
       self.class_names  # pylint: disable=pointless-statement (reads metadata)
     image_cfg = self.image_config
-    if type(image_cfg) is not coswin.CoSwinConfig:  # pylint: disable=unidiomatic-typecheck
+    if isinstance(image_cfg, coswin.CoSwinConfig):
+      coswin.validate(image_cfg, d.image_size)
+    elif isinstance(image_cfg, vit.ViTConfig):
+      if image_cfg.image_size != d.image_size:
+        raise ValueError(f"model.image.image_size={image_cfg.image_size} != "
+                         f"data.image_size={d.image_size}: a ViT backbone "
+                         "is built for one input size")
+    else:
       raise ValueError(f"model.image.arch={two_tower.image_arch(cfg.model)!r}"
-                       ": the detector's pyramid reads CoSwin/Swin stages")
-    coswin.validate(image_cfg, d.image_size)
+                       ": the detector's pyramid reads CoSwin/Swin stages or "
+                       "a plain ViT's patch grid ('coswin' or 'vit')")
     known = set(detector_lib.DetectorConfig.__dataclass_fields__) - {
-        "num_classes"}
+        "num_classes", "backbone"}
     unknown = set(cfg.model.detector) - known
     if unknown:
       raise ValueError(f"model.detector.{sorted(unknown)[0]} is not a "
@@ -192,7 +207,7 @@ class DetectionTask(base.Task):
   def model(self) -> detector_lib.Detector:
     return detector_lib.Detector(
         config=self.detector_config,
-        backbone=coswin.CoSwin(self.image_config, dtype=self.dtype),
+        backbone=two_tower.image_encoder(self.config.model, self.dtype),
         dtype=self.dtype)
 
   def _image_spec(self, batch: int) -> jax.ShapeDtypeStruct:
