@@ -96,10 +96,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.optimizer.weight_decay = 0.05
   if tiny:
     c.train.batch_size = 16
-    c.train.steps = 1500
+    c.train.steps = 800
     c.train.log_every = 50
-    c.train.eval_every = 500
-    c.train.checkpoint_every = 500
+    c.train.eval_every = 400
+    c.train.checkpoint_every = 400
     c.optimizer.learning_rate = 1e-3
     c.optimizer.warmup_steps = 100
     c.eval_batch_size = 50
