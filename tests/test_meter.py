@@ -141,6 +141,15 @@ def test_fusion_advances_both_streams_together():
   want = np.concatenate([np.tanh(_dense(xt[:, 0], p["text_pooler"])),
                          np.tanh(_dense(xv.mean(1), p["image_pooler"]))], -1)
   np.testing.assert_allclose(pooled, want, atol=5e-5, rtol=1e-4)
+  # A causal text tower's summary: the token at text_pool_index (its
+  # end-of-text), here positions 2 and 3.
+  index = np.array([2, 3])
+  _, _, pooled = jax.jit(fusion.apply)({"params": params}, t, valid, v,
+                                       text_pool_index=index)
+  want = np.concatenate([np.tanh(_dense(xt[[0, 1], index],
+                                        p["text_pooler"])),
+                         np.tanh(_dense(xv.mean(1), p["image_pooler"]))], -1)
+  np.testing.assert_allclose(pooled, want, atol=5e-5, rtol=1e-4)
 
 
 def test_mask_embedding_is_an_extra_table_row():

@@ -107,7 +107,13 @@ class MeterModel(nn.Module):
     grid = ai["tokens"]
     image = grid.reshape(grid.shape[0], -1, grid.shape[-1])
     _, at = self.text_encoder(ids, deterministic, mask_id=mask_id)
-    return self.fusion(at["hidden"], ids != self.pad_id, image, deterministic)
+    # The text's summary token: [CLS] (0) of a bidirectional tower, the
+    # first end-of-text of a causal one (models/meter.py).
+    tcfg = self.text_encoder.config
+    pool_index = (jnp.argmax(ids == tcfg.eos_id, axis=-1) if tcfg.causal
+                  else jnp.zeros(ids.shape[:1], jnp.int32))
+    return self.fusion(at["hidden"], ids != self.pad_id, image, deterministic,
+                       text_pool_index=pool_index)
 
   def itm(self, images, ids, deterministic: bool = True):
     return self.itm_head(self.fuse(images, ids, None, deterministic)[2]
