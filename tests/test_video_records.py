@@ -20,6 +20,7 @@ testing, exports).
 """
 
 import csv
+import io
 import os
 
 import flax.linen as nn
@@ -134,7 +135,7 @@ def test_captions_rows_may_name_clip_folders(clip_dir, tmp_path):
 # -- 3. the clip transform -----------------------------------------------------------
 
 def _decoded(record, index):
-  return np.stack([np.asarray(Image.open(__import__("io").BytesIO(
+  return np.stack([np.asarray(Image.open(io.BytesIO(
       record["frames"][i])).convert("RGB"), np.float32) / 127.5 - 1
                    for i in index])
 
@@ -187,7 +188,7 @@ def test_bad_clip_records_are_counted_markers(clip_dir):
   no_frames = t.random_map(dict(record, frames=[]), np.random.default_rng(0))
   assert bad_records.is_bad(no_frames)
   small = Image.new("RGB", (16, 16))
-  buf = __import__("io").BytesIO()
+  buf = io.BytesIO()
   small.save(buf, "PNG")
   mixed = dict(record, frames=[buf.getvalue()] + record["frames"][1:])
   marker = video_records.ClipTransform(
