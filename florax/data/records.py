@@ -179,6 +179,16 @@ def split_names(dataset_dir: str) -> list[str]:
   return list(splits(read_metadata(dataset_dir)))
 
 
+def require_splits(dataset_dir: str, wanted, how: str) -> None:
+  """ValueError naming the first of `wanted` the directory lacks; `how`
+  says how to make it."""
+  names = split_names(dataset_dir)
+  for split in wanted:
+    if split not in names:
+      raise ValueError(f"data.records.path={dataset_dir} has no split "
+                       f"{split!r} (it has {names}): {how}")
+
+
 def shard_paths(dataset_dir: str, split: str = "train") -> list[str]:
   """The shard files of `split` listed in metadata.json, checked to exist."""
   all_splits = splits(read_metadata(dataset_dir))

@@ -147,14 +147,11 @@ class DetectionTask(base.Task):
       raise ValueError("data.name='records' needs data.records.path (COCO "
                        "converted by launch/make_dataset.py --coco_instances)")
     else:
-      names = records_lib.split_names(d.records.path)
-      for split in (d.records.get("split", "train"),
-                    d.get("eval_split", "validation")):
-        if split not in names:
-          raise ValueError(f"data.records.path={d.records.path} has no split "
-                           f"{split!r} (it has {names}): convert it with "
-                           "launch/make_dataset.py --coco_instances ... "
-                           f"--split={split}")
+      records_lib.require_splits(
+          d.records.path, (d.records.get("split", "train"),
+                           d.get("eval_split", "validation")),
+          "convert it with launch/make_dataset.py --coco_instances ... "
+          "--split=NAME")
       self.class_names  # pylint: disable=pointless-statement (reads metadata)
     image_cfg = self.image_config
     if isinstance(image_cfg, coswin.CoSwinConfig):

@@ -232,6 +232,17 @@ class _MeterTask(base.Task):
   def serving_tokenizer(self):
     return self.text_tokenizer
 
+  def _served(self, name, method, labels) -> dict:
+    """{name: (image, text ids) -> logits over `labels`} by `method`."""
+    model, d = self.model, self.config.data
+    inputs = (serving.Input("images", "image",
+                            (d.image_size, d.image_size, 3)),
+              serving.Input("text", "text", (d.max_len,), "int32"))
+
+    def fn(params, images, ids):
+      return model.apply({"params": params}, images, ids, method=method)
+    return {name: serving.Function(fn, inputs, "labels", labels)}
+
 
 # -- pre-training: ITM + MLM ---------------------------------------------------
 
@@ -335,15 +346,7 @@ class MeterPretrainTask(_MeterTask):
 
   def serving(self):
     """`match`: does the text describe the image? (no, yes)."""
-    model, d = self.model, self.config.data
-    inputs = (serving.Input("images", "image",
-                            (d.image_size, d.image_size, 3)),
-              serving.Input("text", "text", (d.max_len,), "int32"))
-
-    def fn(params, images, ids):
-      return model.apply({"params": params}, images, ids,
-                         method=MeterModel.itm)
-    return {"match": serving.Function(fn, inputs, "labels", ("no", "yes"))}
+    return self._served("match", MeterModel.itm, ("no", "yes"))
 
 
 # -- VQA --------------------------------------------------------------------------
@@ -423,14 +426,5 @@ class MeterVQATask(_MeterTask):
 
   def serving(self):
     """`answer`: the answer word of a question about an image."""
-    model, d = self.model, self.config.data
-    inputs = (serving.Input("images", "image",
-                            (d.image_size, d.image_size, 3)),
-              serving.Input("text", "text", (d.max_len,), "int32"))
-
-    def fn(params, images, ids):
-      return model.apply({"params": params}, images, ids,
-                         method=MeterModel.vqa)
-    return {"answer": serving.Function(fn, inputs, "labels",
-                                       tuple(digits_qa.ANSWERS))}
+    return self._served("answer", MeterModel.vqa, tuple(digits_qa.ANSWERS))
 

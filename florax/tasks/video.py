@@ -213,13 +213,10 @@ class _VideoTask(base.Task):
     if unknown:
       raise ValueError(f"data.records.{sorted(unknown)[0]} is not a records "
                        "field (florax/data/record_pipeline.py)")
-    names = records_lib.split_names(d.records.path)  # reads metadata.json
-    for split in (d.records.get("split", "train"),
-                  d.get("eval_split", "validation")):
-      if split not in names:
-        raise ValueError(f"data.records.path={d.records.path} has no split "
-                         f"{split!r} (it has {names}); convert with "
-                         "--holdout_fraction or set data.eval_split")
+    records_lib.require_splits(
+        d.records.path, (d.records.get("split", "train"),
+                         d.get("eval_split", "validation")),
+        "convert with --holdout_fraction or set data.eval_split")
     for name in ("image_size", "frames", "eval_stride"):
       if not beit3_common.is_int(d.get(name)) or d.get(name) < 1:
         raise ValueError(f"data.{name} must be a positive integer, got "
